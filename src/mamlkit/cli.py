@@ -1,0 +1,93 @@
+"""The ``mamlkit`` command: train, eval, plot, presets."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import config as config_lib
+from . import experiments
+
+
+def _experiment_of(run_dir: Path):
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a run directory made by `mamlkit train`?")
+    return experiments.get(yaml.safe_load(cfg_path.read_text()).get("experiment", "sinusoid"))
+
+
+def cmd_presets(args) -> int:
+    for name in config_lib.preset_names():
+        raw = config_lib.load_raw(name)
+        print(f"{name:28s} {raw.get('description', '')}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    saved = out / "config.yaml"
+    if args.resume and saved.is_file():
+        print(f"resuming {out} with its saved config")
+        raw = yaml.safe_load(saved.read_text())
+    else:
+        raw = config_lib.load_raw(args.config)
+    cfg = config_lib.build(config_lib.apply_overrides(raw, args.set))
+    exp = experiments.get(cfg.experiment)
+    finished = exp.train(cfg, out, resume=args.resume, progress=not args.quiet)
+    if not finished:
+        return 130
+    print(f"trained: {out}   next: mamlkit eval {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    run_dir = Path(args.run_dir)
+    results = _experiment_of(run_dir).evaluate(run_dir, device=args.device)
+    print((run_dir / "eval.md").read_text() if (run_dir / "eval.md").exists() else results)
+    print(f"written: {run_dir / 'eval.json'}, {run_dir / 'eval.md'}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    run_dir = Path(args.run_dir)
+    for path in _experiment_of(run_dir).plot(run_dir):
+        print(f"written: {path}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mamlkit", description="Model-Agnostic Meta-Learning experiments.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a preset or YAML config")
+    t.add_argument("config", help="preset name (see `mamlkit presets`) or path to a YAML file")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.iterations=1000")
+    t.add_argument("--out", help="run directory (default: runs/<preset>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="evaluate a trained run (writes eval.json and eval.md)")
+    e.add_argument("run_dir")
+    e.add_argument("--device", help="evaluate on this device instead of the training one")
+    e.set_defaults(func=cmd_eval)
+    pl = sub.add_parser("plot", help="draw a run's figures into RUN_DIR/plots/")
+    pl.add_argument("run_dir")
+    pl.set_defaults(func=cmd_plot)
+    pr = sub.add_parser("presets", help="list the shipped presets")
+    pr.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (config_lib.ConfigError, FileNotFoundError, RuntimeError) as e:
+        print(f"mamlkit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Configs: typed dataclasses, shipped presets, ``--set key=value`` overrides, validation.
+
+Every field is checked before training starts; a bad key or value raises ``ConfigError``
+naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used, with what would be accepted."""
+
+
+def spec(default, *, low=None, high=None, choices=None, doc: str = ""):
+    """A config field with an allowed range (inclusive) or set of choices."""
+    meta = {"low": low, "high": high, "choices": choices, "doc": doc}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class MAMLConfig:
+    inner_lr: float = spec(0.01, low=0.0, doc="inner step size alpha")
+    inner_steps: int = spec(1, low=0, doc="inner gradient steps at training")
+    first_order: bool = spec(False, doc="drop second derivatives (FOMAML)")
+    learn_inner_lr: bool = spec(False, doc="Meta-SGD: learn a step size per parameter element")
+    adapt: list[str] | None = spec(None, doc="glob patterns of parameters the inner loop adapts; null = all")
+    strategy: str = spec("auto", choices=("auto", "loop", "vmap"), doc="how tasks of a meta-batch are computed")
+    compile: bool = spec(False, doc="run the meta-batch under torch.compile")
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = spec(70000, low=1, doc="meta-iterations")
+    meta_batch_size: int = spec(25, low=1, doc="tasks per meta-iteration")
+    meta_lr: float = spec(1e-3, low=0.0, doc="Adam step size beta")
+    checkpoint_every: int = spec(5000, low=1, doc="iterations between checkpoints")
+    log_every: int = spec(100, low=1, doc="iterations between metric rows")
+    seed: int = spec(0, doc="seed of the model's initialisation and of the task stream")
+    device: str = spec("cpu", doc="torch device: cpu, cuda, cuda:1, ...")
+
+
+@dataclass
+class SinusoidTaskConfig:
+    k_support: int = spec(10, low=1, doc="support points per task at training")
+    k_query: int = spec(10, low=1, doc="query points per task at training")
+    amplitude: list[float] = spec([0.1, 5.0], doc="[low, high] of the amplitude A")
+    phase: list[float] = spec([0.0, math.pi], doc="[low, high] of the phase phi")
+    x_range: list[float] = spec([-5.0, 5.0], doc="[low, high] of the inputs x")
+
+
+@dataclass
+class SinusoidModelConfig:
+    hidden: list[int] = spec([40, 40], doc="hidden layer widths of the ReLU MLP")
+
+
+@dataclass
+class SinusoidEvalConfig:
+    num_tasks: int = spec(600, low=1, doc="test tasks")
+    shots: list[int] = spec([5, 10, 20], doc="K values to evaluate")
+    steps: int = spec(10, low=0, doc="gradient steps at test")
+    query_points: int = spec(100, low=1, doc="held-out points per test task")
+    inner_lr: float | None = spec(None, low=0.0, doc="MAML step size at test; null = training step size")
+    seed: int = spec(1000, doc="seed of the test tasks (shared by every model)")
+    tune_tasks: int = spec(100, low=1, doc="held-out tasks on which the pretrained step size is tuned")
+    tune_lrs: list[float] = spec([0.001, 0.002, 0.005, 0.01, 0.02, 0.05], doc="step sizes tried for pretrained")
+
+
+@dataclass
+class SinusoidConfig:
+    experiment: str = spec("sinusoid", choices=("sinusoid",))
+    description: str = spec("", doc="one line shown by `mamlkit presets`")
+    models: list[str] = spec(["maml", "pretrained", "oracle"], doc="which of maml, pretrained, oracle to train")
+    model: SinusoidModelConfig = field(default_factory=SinusoidModelConfig)
+    maml: MAMLConfig = field(default_factory=MAMLConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    task: SinusoidTaskConfig = field(default_factory=SinusoidTaskConfig)
+    eval: SinusoidEvalConfig = field(default_factory=SinusoidEvalConfig)
+
+    def check(self) -> None:
+        _pair(self.task.amplitude, "task.amplitude")
+        _pair(self.task.phase, "task.phase")
+        _pair(self.task.x_range, "task.x_range")
+        unknown = set(self.models) - {"maml", "pretrained", "oracle"}
+        if unknown or not self.models:
+            raise ConfigError(f"models: {sorted(unknown) or 'empty'} not allowed; choose from maml, pretrained, oracle")
+        if any(k < 1 for k in self.eval.shots):
+            raise ConfigError(f"eval.shots: every K must be >= 1, got {self.eval.shots}")
+
+
+EXPERIMENTS: dict[str, type] = {"sinusoid": SinusoidConfig}
+
+
+def _pair(v: list[float], key: str) -> None:
+    if len(v) != 2 or not v[0] <= v[1]:
+        raise ConfigError(f"{key}: expected [low, high] with low <= high, got {v}")
+
+
+# -- loading --------------------------------------------------------------------------------
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("mamlkit.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_raw(preset_or_path: str) -> dict:
+    """A preset name (``mamlkit presets``) or a path to a YAML file."""
+    path = Path(preset_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        text = path.read_text()
+    else:
+        res = resources.files("mamlkit.presets") / f"{preset_or_path}.yaml"
+        if not res.is_file():
+            raise ConfigError(f"unknown preset {preset_or_path!r}; presets are {preset_names()}, or pass a YAML file path")
+        text = res.read_text()
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{preset_or_path}: expected a mapping at the top level")
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.iterations=1000")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def build(raw: dict):
+    """Validate a raw dict into the experiment's config dataclass."""
+    name = raw.get("experiment", "sinusoid")
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"experiment: {name!r} not allowed; choose from {sorted(EXPERIMENTS)}")
+    cfg = _from_dict(EXPERIMENTS[name], raw, "")
+    cfg.check()
+    return cfg
+
+
+def load(preset_or_path: str, overrides: list[str] = ()):
+    return build(apply_overrides(load_raw(preset_or_path), list(overrides)))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _from_dict(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"unknown key {prefix}{key!r}; allowed keys here: {sorted(fields)}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key, tp = prefix + name, hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _from_dict(tp, raw[name], key + ".")
+        else:
+            values[name] = _check_value(key, _coerce(key, raw[name], tp), f.metadata)
+    return cls(**values)
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _check_value(key: str, value: Any, meta) -> Any:
+    if value is None:
+        return value
+    choices, low, high = meta.get("choices"), meta.get("low"), meta.get("high")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} not allowed; choose from {list(choices)}")
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            if (low is not None and v < low) or (high is not None and v > high):
+                rng = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+                raise ConfigError(f"{key}: {v!r} out of range; allowed {rng}")
+    return value

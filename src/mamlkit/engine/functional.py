@@ -1,0 +1,80 @@
+"""A functional view of any ``nn.Module``: call it with a dict of parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from fnmatch import fnmatchcase
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+Params = dict[str, Tensor]
+
+
+class FunctionalModel:
+    """Calls ``module`` with parameters supplied by the caller.
+
+    Only trainable parameters (``requires_grad=True``) are replaced; buffers and frozen
+    parameters are read from the module itself. A parameter shared by several modules
+    (tied weights) appears once, under its first name, and is passed to each module that
+    holds it, with ``tie_weights=False``. A submodule registered under two names is one
+    slot and is set once: setting it twice, or ``functional_call``'s default weight tying,
+    leaves the module holding the call's tensors afterwards (pytorch/pytorch#164759).
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.aliases: dict[str, list[str]] = {}
+        first_name: dict[int, str] = {}
+        for prefix, sub in module.named_modules():  # each module object once
+            for local, p in sub._parameters.items():
+                if p is None or not p.requires_grad:
+                    continue
+                name = f"{prefix}.{local}" if prefix else local
+                canonical = first_name.setdefault(id(p), name)
+                self.aliases.setdefault(canonical, []).append(name)
+        self._has_aliases = any(len(v) > 1 for v in self.aliases.values())
+
+    def params(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters, each physical tensor once."""
+        named = dict(self.module.named_parameters())
+        return {name: named[name] for name in self.aliases}
+
+    def __call__(self, params: Params, *args, **kwargs):
+        if self._has_aliases:
+            params = {alias: t for name, t in params.items() for alias in self.aliases[name]}
+        return functional_call(self.module, params, args, kwargs, tie_weights=False, strict=False)
+
+
+def select_names(names: Iterable[str], patterns: Iterable[str] | Callable[[str], bool] | None) -> list[str]:
+    """Names matching ``patterns``: glob strings (``"head.*"``), a predicate, or ``None`` for all.
+
+    A pattern starting with ``!`` excludes what it matches (``["*", "!*.bn.bias"]``).
+    """
+    names = list(names)
+    if patterns is None:
+        return names
+    if callable(patterns):
+        return [n for n in names if patterns(n)]
+    patterns = list(patterns)
+    chosen = []
+    for n in names:
+        keep = False
+        for pat in patterns:
+            if pat.startswith("!"):
+                if fnmatchcase(n, pat[1:]):
+                    keep = False
+            elif fnmatchcase(n, pat):
+                keep = True
+        if keep:
+            chosen.append(n)
+    return chosen
+
+
+def detach(params: Params) -> Params:
+    return {k: v.detach() for k, v in params.items()}
+
+
+def stack_params(per_task: list[Params]) -> Params:
+    return {k: torch.stack([p[k] for p in per_task]) for k in per_task[0]}

@@ -1,0 +1,212 @@
+"""MAML: adapt on each task's support set, score the adapted model on its query set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import FunctionalModel, Params, select_names
+from .strategies import map_tasks, resolve_strategy
+
+LossFn = Callable[[Any, Any], Tensor]
+StepSize = float | Sequence[float] | None
+
+
+class TaskBatch(NamedTuple):
+    """A meta-batch: every field has a leading task dimension (inputs and targets may be pytrees)."""
+
+    support_inputs: Any
+    support_targets: Any
+    query_inputs: Any
+    query_targets: Any
+
+    def to(self, device) -> TaskBatch:
+        return TaskBatch(*torch.utils._pytree.tree_map(lambda t: t.to(device), tuple(self)))
+
+
+class MAML(nn.Module):
+    """Model-Agnostic Meta-Learning over any ``nn.Module`` and any differentiable loss.
+
+    Args:
+        model: the network; its trainable parameters are the meta-parameters.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` used in the inner loop.
+        query_loss_fn: loss on the query set (defaults to ``loss_fn``).
+        inner_lr: inner step size α.
+        inner_steps: inner gradient steps at training.
+        first_order: drop second derivatives (FOMAML).
+        adapt: which parameters the inner loop adapts: glob patterns (``["head.*"]``,
+            ``["*", "!*.bn.bias"]``), a predicate on names, or ``None`` for all. The others
+            are still meta-learned.
+        learn_inner_lr: Meta-SGD: learn a step size per parameter element.
+        strategy: ``"loop"``, ``"vmap"`` or ``"auto"`` (vmap unless the model holds layers
+            whose second-order gradients vmap gets wrong).
+        compile: run the meta-batch computation under ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn = F.mse_loss,
+        *,
+        query_loss_fn: LossFn | None = None,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        adapt: Iterable[str] | Callable[[str], bool] | None = None,
+        learn_inner_lr: bool = False,
+        strategy: str = "auto",
+        compile: bool = False,
+    ):
+        super().__init__()
+        if inner_steps < 0:
+            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+        if inner_lr < 0:
+            raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
+        _check_running_stats(model)
+        self.model = model
+        self.fmodel = FunctionalModel(model)
+        self.loss_fn = loss_fn
+        self.query_loss_fn = query_loss_fn or loss_fn
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.first_order = first_order
+        self.adapted_names = select_names(self.fmodel.aliases, adapt)
+        if inner_steps > 0 and not self.adapted_names:
+            raise ValueError(
+                f"adapt={adapt!r} matches no trainable parameter; names are {list(self.fmodel.aliases)}"
+            )
+        self.learn_inner_lr = learn_inner_lr
+        if learn_inner_lr:
+            params = self.fmodel.params()
+            self.inner_lrs = nn.ParameterDict(
+                {_key(n): nn.Parameter(torch.full_like(params[n].detach(), inner_lr)) for n in self.adapted_names}
+            )
+        self.strategy = resolve_strategy(strategy, model, second_order=not first_order and inner_steps > 0)
+        self._batched_meta_forward = (
+            torch.compile(self._meta_forward_impl, dynamic=False) if compile else self._meta_forward_impl
+        )
+
+    # -- functional pieces -------------------------------------------------------------
+
+    def params(self) -> Params:
+        """The meta-parameters by name (shared weights once)."""
+        return self.fmodel.params()
+
+    def forward(self, inputs, params: Params | None = None):
+        """The model's output on ``inputs`` with ``params`` (default: the meta-parameters)."""
+        return self.fmodel(self.params() if params is None else params, inputs)
+
+    def adapt(
+        self,
+        inputs,
+        targets,
+        steps: int | None = None,
+        lr: StepSize = None,
+        params: Params | None = None,
+        create_graph: bool = False,
+    ) -> Params:
+        """Adapt to one task's support set; returns new parameters, the model is untouched.
+
+        ``lr`` may be a float or one value per step (the RL protocol's 0.1 then 0.05);
+        ``None`` uses the training step size (learned ones under Meta-SGD).
+        """
+        steps = self.inner_steps if steps is None else steps
+        return self._adapt(self.params() if params is None else params, inputs, targets, self._lrs(lr, steps), create_graph)
+
+    def _adapt(self, params: Params, inputs, targets, lrs: list, create_graph: bool) -> Params:
+        for lr in lrs:
+            params = self._inner_step(params, inputs, targets, lr, create_graph)
+        return params
+
+    def _inner_step(self, params: Params, inputs, targets, lr, create_graph: bool) -> Params:
+        adapted = {n: params[n] for n in self.adapted_names}
+
+        def support_loss(sub: Params) -> Tensor:
+            return self.loss_fn(self.fmodel({**params, **sub}, inputs), targets)
+
+        grads = torch.func.grad(support_loss)(adapted)
+        if not create_graph:
+            grads = {n: g.detach() for n, g in grads.items()}
+        step = (lambda n: lr[_key(n)]) if isinstance(lr, nn.ParameterDict | dict) else (lambda n: lr)
+        return {**params, **{n: p - step(n) * grads[n] for n, p in adapted.items()}}
+
+    def _lrs(self, lr: StepSize, steps: int) -> list:
+        if lr is None:
+            return [self.inner_lrs if self.learn_inner_lr else self.inner_lr] * steps
+        if isinstance(lr, int | float):
+            return [float(lr)] * steps
+        lr = list(lr)
+        if not lr:
+            raise ValueError("lr sequence is empty")
+        # A schedule shorter than the number of steps keeps its last value.
+        return [lr[min(i, len(lr) - 1)] for i in range(steps)]
+
+    # -- meta-batch ----------------------------------------------------------------------
+
+    def meta_forward(self, batch: TaskBatch) -> tuple[Tensor, Any]:
+        """Per-task query losses (shape ``[tasks]``) and query outputs after adaptation."""
+        lr = self.inner_lrs if self.learn_inner_lr else None
+        return self._batched_meta_forward(self.params(), lr, *batch)
+
+    def meta_loss(self, batch: TaskBatch) -> Tensor:
+        """Mean query loss after adaptation, differentiable w.r.t. the meta-parameters."""
+        return self.meta_forward(batch)[0].mean()
+
+    def _meta_forward_impl(self, params, lr, si, st, qi, qt):
+        lrs = [self.inner_lr if lr is None else lr] * self.inner_steps
+        create_graph = not self.first_order
+
+        def one_task(si, st, qi, qt):
+            adapted = self._adapt(params, si, st, lrs, create_graph)
+            out = self.fmodel(adapted, qi)
+            return self.query_loss_fn(out, qt), out
+
+        return map_tasks(one_task, (0, 0, 0, 0), si, st, qi, qt, strategy=self.strategy)
+
+    @torch.no_grad()
+    def adaptation_curve(
+        self,
+        batch: TaskBatch,
+        steps: int,
+        lr: StepSize = None,
+        metrics: dict[str, LossFn] | None = None,
+        params: Params | None = None,
+    ) -> dict[str, Tensor]:
+        """Query metrics after 0..``steps`` inner steps on each task's support set.
+
+        Returns ``{name: tensor[tasks, steps + 1]}``; ``metrics`` default to the query loss.
+        """
+        metrics = metrics or {"loss": self.query_loss_fn}
+        lrs = self._lrs(lr, steps)
+        params = self.params() if params is None else params
+
+        def one_task(si, st, qi, qt):
+            p = params
+            rows = {k: [] for k in metrics}
+            for s in range(steps + 1):
+                if s:
+                    p = self._inner_step(p, si, st, lrs[s - 1], create_graph=False)
+                out = self.fmodel(p, qi)
+                for k, m in metrics.items():
+                    rows[k].append(m(out, qt))
+            return {k: torch.stack(v) for k, v in rows.items()}
+
+        return map_tasks(one_task, (0, 0, 0, 0), *batch, strategy=self.strategy)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _check_running_stats(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and m.training:
+            raise ValueError(
+                f"{type(m).__name__} '{name}' updates running statistics in place during training, "
+                "which cannot happen inside the inner loop's gradient transform. Build it with "
+                "track_running_stats=False (the paper's MAML uses batch statistics at train and test)."
+            )

@@ -1,0 +1,229 @@
+"""Sinusoid regression: MAML, the pretrained baseline and the oracle (paper Section 5.1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import config as config_lib
+from ..config import SinusoidConfig
+from ..engine import MAML, TaskBatch
+from ..models import mlp
+from ..tasks import SinusoidTasks
+from ..training import Trainer, mean_ci
+from ..training import checkpoint as ckpt
+
+KINDS = ("maml", "pretrained", "oracle")
+LABELS = {"maml": "MAML", "pretrained": "pretrained", "oracle": "oracle"}
+
+
+def make_tasks(cfg: SinusoidConfig, kind: str) -> SinusoidTasks:
+    t = cfg.task
+    return SinusoidTasks(tuple(t.amplitude), tuple(t.phase), tuple(t.x_range), cfg.train.device, oracle=kind == "oracle")
+
+
+def make_learner(cfg: SinusoidConfig, kind: str) -> MAML:
+    """MAML for ``maml``; for the baselines the same engine with no inner step, i.e. the plain loss."""
+    tasks = make_tasks(cfg, kind)
+    model = mlp(tasks.input_dim, cfg.model.hidden, 1).to(cfg.train.device)
+    m = cfg.maml
+    if kind == "maml":
+        return MAML(
+            model, F.mse_loss, inner_lr=m.inner_lr, inner_steps=m.inner_steps, first_order=m.first_order,
+            adapt=m.adapt, learn_inner_lr=m.learn_inner_lr, strategy=m.strategy, compile=m.compile,
+        )
+    return MAML(model, F.mse_loss, inner_lr=m.inner_lr, inner_steps=0, strategy=m.strategy, compile=m.compile)
+
+
+def make_sampler(cfg: SinusoidConfig, kind: str, tasks: SinusoidTasks):
+    b, ks, kq = cfg.train.meta_batch_size, cfg.task.k_support, cfg.task.k_query
+    if kind == "maml":
+        return lambda g: tasks.batch(b, ks, kq, g)
+
+    def pooled(g: torch.Generator) -> TaskBatch:
+        # The baselines see the same number of points per task, all in one plain regression loss.
+        s = tasks.batch(b, ks + kq, 0, g)
+        return TaskBatch(s.support_inputs, s.support_targets, s.support_inputs, s.support_targets)
+
+    return pooled
+
+
+def train(cfg: SinusoidConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> bool:
+    """Train every model in ``cfg.models`` into ``run_dir/<kind>/``; False if interrupted."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.dump(cfg, run_dir / "config.yaml")
+    for i, kind in enumerate(cfg.models):
+        torch.manual_seed(cfg.train.seed + i)
+        learner = make_learner(cfg, kind)
+        generator = torch.Generator(cfg.train.device).manual_seed(cfg.train.seed + 100 + i)
+        t = cfg.train
+        trainer = Trainer(
+            run_dir / kind, learner, make_sampler(cfg, kind, make_tasks(cfg, kind)), generator,
+            iterations=t.iterations, meta_lr=t.meta_lr, checkpoint_every=t.checkpoint_every,
+            log_every=t.log_every, metadata={"kind": kind, "config": config_lib.to_dict(cfg)}, name=kind,
+        )
+        if not trainer.fit(resume=resume, progress=progress):
+            return False
+    return True
+
+
+def load_learner(run_dir: str | Path, kind: str, device: str | None = None) -> tuple[MAML, SinusoidConfig]:
+    state = ckpt.load(Path(run_dir) / kind / "checkpoint.pt")
+    cfg = config_lib.build(state["config"])
+    if device:
+        cfg.train.device = device
+    cfg.maml.compile = False  # evaluation shapes vary; compiling them costs more than it saves
+    learner = make_learner(cfg, kind)
+    learner.load_state_dict(state["learner"])
+    return learner, cfg
+
+
+def test_tasks(cfg: SinusoidConfig, kind: str, n: int, k: int, seed: int) -> TaskBatch:
+    """``n`` tasks from ``seed``: the same tasks and points for every model and every K ≤ max K
+    (the first ``k`` of a fixed set of support points), and ``eval.query_points`` held-out points."""
+    tasks = make_tasks(cfg, kind)
+    g = torch.Generator(cfg.train.device).manual_seed(seed)
+    amp, phase = tasks.sample_params(n, g)
+    kmax = max(max(cfg.eval.shots), k)
+    sx, sy = tasks.sample_points(amp, phase, kmax, g)
+    qx, qy = tasks.sample_points(amp, phase, cfg.eval.query_points, g)
+    return TaskBatch(sx[:, :k], sy[:, :k], qx, qy)
+
+
+def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = True) -> dict:
+    """MSE after 0..steps gradient steps on K-shot support sets, for each trained model.
+
+    The pretrained model's step size is tuned per K on held-out tasks (mean MSE over steps
+    1..steps); the oracle needs no step. Writes ``eval.json`` and ``eval.md``.
+    """
+    run_dir = Path(run_dir)
+    kinds = [k for k in KINDS if (run_dir / k / "checkpoint.pt").exists()]
+    if not kinds:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint (expected {run_dir}/maml/checkpoint.pt); train first")
+    results: dict = {"models": {}}
+    for kind in kinds:
+        learner, cfg = load_learner(run_dir, kind, device)
+        e = cfg.eval
+        results["eval"] = config_lib.to_dict(cfg)["eval"]
+        per_k = {}
+        for k in e.shots:
+            steps = 0 if kind == "oracle" else e.steps
+            if kind == "pretrained":
+                lr, tuning = _tune_lr(learner, cfg, kind, k)
+            else:
+                lr = e.inner_lr if e.inner_lr is not None else (None if cfg.maml.learn_inner_lr else cfg.maml.inner_lr)
+                tuning = None
+            batch = test_tasks(cfg, kind, e.num_tasks, k, e.seed)
+            mse = learner.adaptation_curve(batch, steps, lr=lr)["loss"]
+            mean, ci = mean_ci(mse)
+            per_k[str(k)] = {
+                "lr": lr if lr is not None else "learned",
+                "mse": mean.tolist(),
+                "ci95": ci.tolist(),
+                **({"lr_tuning": tuning} if tuning else {}),
+            }
+        iteration = ckpt.load(run_dir / kind / "checkpoint.pt")["iteration"]
+        results["models"][kind] = {"iterations": iteration, "shots": per_k}
+    (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    (run_dir / "eval.md").write_text(format_table(results))
+    return results
+
+
+def _tune_lr(learner: MAML, cfg: SinusoidConfig, kind: str, k: int) -> tuple[float, dict]:
+    e = cfg.eval
+    batch = test_tasks(cfg, kind, e.tune_tasks, k, e.seed + 1)  # held-out tasks, never the test set
+    scores = {}
+    for lr in e.tune_lrs:
+        curve = learner.adaptation_curve(batch, max(e.steps, 1), lr=lr)["loss"].mean(0)
+        score = curve[1:].mean().item()
+        scores[str(lr)] = score if score == score else float("inf")  # NaN (diverged) never wins
+    best = min(e.tune_lrs, key=lambda lr: scores[str(lr)])
+    return best, scores
+
+
+def format_table(results: dict, steps_shown=(0, 1, 5, 10)) -> str:
+    """A Markdown table: MSE ± 95% CI per model and K after selected numbers of steps."""
+    lines = []
+    for kind, res in results["models"].items():
+        for k, r in res["shots"].items():
+            n = len(r["mse"])
+            cells = []
+            for s in steps_shown:
+                i = min(s, n - 1)
+                cells.append(f"{r['mse'][i]:.3f} ± {r['ci95'][i]:.3f}")
+            lr = r["lr"] if isinstance(r["lr"], str) else f"{r['lr']:g}"
+            lines.append(f"| {LABELS[kind]} | {k} | {lr} | " + " | ".join(cells) + " |")
+    n_tasks = results["eval"]["num_tasks"]
+    head = (
+        f"MSE on {n_tasks} test tasks (mean ± 95% CI); the oracle takes no steps.\n\n"
+        "| model | K | step size | " + " | ".join(f"{s} steps" for s in steps_shown) + " |\n"
+        "|---|---|---|" + "---|" * len(steps_shown) + "\n"
+    )
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(run_dir: str | Path, task_index: int = 0) -> list[Path]:
+    """The paper's Figures 2 and 3 for a run (after ``evaluate``), and its training curves."""
+    import matplotlib.pyplot as plt
+
+    from .. import plots
+
+    run_dir = Path(run_dir)
+    eval_path = run_dir / "eval.json"
+    if not eval_path.exists():
+        raise FileNotFoundError(f"{eval_path} not found; run `mamlkit eval {run_dir}` first")
+    results = json.loads(eval_path.read_text())
+    models = results["models"]
+    out = []
+
+    # Figure 3: MSE against gradient steps, one panel per K.
+    shots = list(next(iter(models.values()))["shots"])
+    fig, axes = plt.subplots(1, len(shots), figsize=(4.5 * len(shots), 3.8), squeeze=False)
+    for ax, k in zip(axes[0], shots):
+        series = {LABELS[kind]: (m["shots"][k]["mse"], m["shots"][k]["ci95"]) for kind, m in models.items()}
+        plots.steps_curves(ax, series, "mean squared error")
+        ax.set_title(f"K = {k}")
+    out.append(plots.save(fig, run_dir / "plots" / "mse_vs_steps.png"))
+
+    # Figure 2: K-shot fits of one test task after 0, 1 and 10 steps.
+    fitted = [k for k in ("maml", "pretrained") if k in models]
+    kshots = [k for k in ("5", "10") if k in shots] or shots[:1]
+    fig, axes = plt.subplots(len(kshots), len(fitted), figsize=(5 * len(fitted), 3.6 * len(kshots)), squeeze=False)
+    for row, k in zip(axes, kshots):
+        for ax, kind in zip(row, fitted):
+            learner, cfg = load_learner(run_dir, kind, "cpu")
+            lr = models[kind]["shots"][k]["lr"]
+            _plot_fit(ax, learner, cfg, kind, int(k), None if lr == "learned" else lr, task_index)
+            ax.set_title(f"{LABELS[kind]}, K = {k}")
+    out.append(plots.save(fig, run_dir / "plots" / "fits.png"))
+
+    curves = {LABELS[k]: run_dir / k for k in models if (run_dir / k / "metrics.csv").exists()}
+    out.append(plots.training_curves(curves, run_dir / "plots" / "training_loss.png"))
+    return out
+
+
+def _plot_fit(ax, learner: MAML, cfg: SinusoidConfig, kind: str, k: int, lr, task_index: int) -> None:
+    tasks = make_tasks(cfg, kind)
+    batch = test_tasks(cfg, kind, task_index + 1, k, cfg.eval.seed)
+    xs = torch.linspace(*cfg.task.x_range, 200).view(1, -1, 1)
+    # The task's (A, phi): the first draws of the seeded stream that test_tasks used.
+    g = torch.Generator(cfg.train.device).manual_seed(cfg.eval.seed)
+    amp, phase = tasks.sample_params(task_index + 1, g)
+    amp, phase = amp[task_index : task_index + 1], phase[task_index : task_index + 1]
+    si, st = batch.support_inputs[task_index], batch.support_targets[task_index]
+    grid_in = tasks.inputs(xs, amp, phase)[0]
+    ax.plot(xs.view(-1), tasks.targets(xs, amp, phase).view(-1), "r", lw=2, label="ground truth")
+    ax.scatter(si[:, 0], st.view(-1), marker="^", c="purple", zorder=5, label=f"{k} support points")
+    params = learner.params()
+    with torch.no_grad():
+        ax.plot(xs.view(-1), learner(grid_in, params).view(-1), ":", c="g", label="pre-update")
+    for steps, style in ((1, "--"), (10, "-")):
+        adapted = learner.adapt(si, st, steps=steps, lr=lr)
+        with torch.no_grad():
+            ax.plot(xs.view(-1), learner(grid_in, adapted).view(-1), style, label=f"{steps} grad step{'s' * (steps > 1)}")
+    ax.set_ylim(-6, 6)
+    ax.legend(fontsize=7, loc="lower left")

@@ -1,0 +1,52 @@
+"""Figures: learning curves from metric logs and metric-against-steps curves with 95% CIs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .training.metrics import read_metrics  # noqa: E402
+
+
+def training_curves(run_dirs: dict[str, Path], path: Path, key: str = "loss", logy: bool = True) -> Path:
+    """``key`` against iteration, one line per labelled run directory holding ``metrics.csv``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, d in run_dirs.items():
+        rows = [r for r in read_metrics(Path(d) / "metrics.csv") if key in r]
+        ax.plot([r["iteration"] for r in rows], [r[key] for r in rows], label=label)
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel(key)
+    if logy:
+        ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return save(fig, path)
+
+
+def steps_curves(ax, series: dict[str, tuple[list, list]], ylabel: str) -> None:
+    """Mean ± 95% CI against gradient steps; a single-point series is drawn as a flat line."""
+    for label, (mean, ci) in series.items():
+        if len(mean) == 1:
+            ax.axhline(mean[0], ls="--", color="k", label=label)
+            continue
+        steps = list(range(len(mean)))
+        line = ax.plot(steps, mean, marker="o", ms=3, label=label)[0]
+        ax.fill_between(steps, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)],
+                        color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("number of gradient steps")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,5 @@
+"""Task distributions: each produces TaskBatch objects with a leading task dimension, on the device."""
+
+from .sinusoid import SinusoidTasks
+
+__all__ = ["SinusoidTasks"]

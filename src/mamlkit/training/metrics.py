@@ -1,0 +1,65 @@
+"""Metric logs: a CSV file and TensorBoard, both resumable."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+class MetricLog:
+    """Rows of ``{"iteration": i, name: value, ...}`` to ``metrics.csv`` and TensorBoard.
+
+    On resume, rows logged after the checkpoint's iteration (by the run that was killed)
+    are dropped so the log has each iteration once.
+    """
+
+    def __init__(self, run_dir: str | Path, resume_from: int = 0, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.csv"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+        if resume_from and self.path.exists():
+            with self.path.open() as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= resume_from]
+        self._rewrite()
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_from + 1 if resume_from else None)
+            except ImportError:  # tensorboard is optional at run time; the CSV always exists
+                self.writer = None
+
+    def log(self, iteration: int, **values: float) -> None:
+        row = {"iteration": iteration, **values}
+        if self.rows and set(row) != set(self.rows[0]):
+            self.rows.append(row)
+            self._rewrite()  # a new column: rewrite with the wider header
+        else:
+            self.rows.append(row)
+            with self.path.open("a", newline="") as f:
+                if f.tell() == 0:
+                    csv.DictWriter(f, fieldnames=list(row)).writeheader()
+                csv.DictWriter(f, fieldnames=list(row)).writerow(row)
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, iteration)
+
+    def _rewrite(self) -> None:
+        fields: list[str] = []
+        for r in self.rows:
+            fields += [k for k in r if k not in fields]
+        with self.path.open("w", newline="") as f:
+            if fields:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(self.rows)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, float]]:
+    with Path(path).open() as f:
+        return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
