@@ -22,7 +22,7 @@ def _experiment_of(run_dir: Path):
 def cmd_presets(args) -> int:
     for name in config_lib.preset_names():
         raw = config_lib.load_raw(name)
-        print(f"{name:28s} {raw.get('description', '')}")
+        print(f"{name:36s} {raw.get('description', '')}")
     return 0
 
 

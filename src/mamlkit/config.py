@@ -49,7 +49,10 @@ class TrainConfig:
     checkpoint_every: int = spec(5000, low=1, doc="iterations between checkpoints")
     log_every: int = spec(100, low=1, doc="iterations between metric rows")
     seed: int = spec(0, doc="seed of the model's initialisation and of the task stream")
-    device: str = spec("cpu", doc="torch device: cpu, cuda, cuda:1, ...")
+    device: str = spec("cpu", doc="torch device: cpu, cuda, cuda:1, ..., or auto (cuda when available)")
+    validate_every: int = spec(0, low=0, doc="iterations between validations (0 = never)")
+    val_tasks: int = spec(200, low=1, doc="validation tasks per validation")
+    grad_clip: float | None = spec(None, low=0.0, doc="clip meta-gradients elementwise to [-c, c]")
 
 
 @dataclass
@@ -100,7 +103,66 @@ class SinusoidConfig:
             raise ConfigError(f"eval.shots: every K must be >= 1, got {self.eval.shots}")
 
 
-EXPERIMENTS: dict[str, type] = {"sinusoid": SinusoidConfig}
+@dataclass
+class FewShotDataConfig:
+    dataset: str = spec("omniglot", choices=("omniglot", "miniimagenet"))
+    root: str | None = spec(None, doc="data directory; null = $MAMLKIT_OMNIGLOT_DIR / $MAMLKIT_MINIIMAGENET_DIR")
+    cache_dir: str | None = spec(None, doc="preprocessed cache; null = $MAMLKIT_CACHE_DIR or ~/.cache/mamlkit")
+    resize: str = spec("nearest", choices=("nearest", "lanczos"),
+                       doc="Omniglot 28x28 resize: nearest = the official binary images, lanczos = gray levels")
+    rotate: bool = spec(True, doc="rotate each class of a task by a random multiple of 90 degrees (Omniglot)")
+
+
+@dataclass
+class FewShotTaskConfig:
+    n_way: int = spec(5, low=2, doc="classes per task")
+    k_shot: int = spec(1, low=1, doc="support examples per class")
+    q_query: int = spec(1, low=1, doc="query examples per class at training")
+
+
+@dataclass
+class FewShotModelConfig:
+    arch: str = spec("omniglot_conv4", choices=("omniglot_conv4", "miniimagenet_conv4", "mlp"))
+
+
+@dataclass
+class FewShotEvalConfig:
+    num_tasks: int = spec(600, low=1, doc="test tasks")
+    steps: int = spec(10, low=0, doc="gradient steps at test (accuracy reported after each)")
+    inner_lr: float | None = spec(None, low=0.0, doc="step size at test; null = training step size")
+    query: list[str] = spec(["paper", "modern"], doc="paper = K query examples per class, modern = 15")
+    task_batch: int = spec(32, low=1, doc="test tasks computed together")
+    checkpoint: str = spec("best", choices=("best", "last"), doc="best = chosen on validation accuracy")
+    seed: int = spec(2000, doc="seed of the test tasks")
+
+
+@dataclass
+class FewShotConfig:
+    experiment: str = spec("fewshot", choices=("fewshot",))
+    description: str = spec("", doc="one line shown by `mamlkit presets`")
+    data: FewShotDataConfig = field(default_factory=FewShotDataConfig)
+    task: FewShotTaskConfig = field(default_factory=FewShotTaskConfig)
+    model: FewShotModelConfig = field(default_factory=FewShotModelConfig)
+    maml: MAMLConfig = field(default_factory=MAMLConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: FewShotEvalConfig = field(default_factory=FewShotEvalConfig)
+
+    def check(self) -> None:
+        bad = set(self.eval.query) - {"paper", "modern"}
+        if bad or not self.eval.query:
+            raise ConfigError(f"eval.query: {sorted(bad) or 'empty'} not allowed; choose from paper, modern")
+        t = self.train
+        if t.validate_every and t.validate_every % t.log_every:
+            raise ConfigError(
+                f"train.validate_every ({t.validate_every}) must be a multiple of train.log_every ({t.log_every})"
+            )
+        if self.model.arch == "miniimagenet_conv4" and self.data.dataset != "miniimagenet":
+            raise ConfigError("model.arch miniimagenet_conv4 expects data.dataset=miniimagenet (84x84 RGB)")
+        if self.model.arch in ("omniglot_conv4", "mlp") and self.data.dataset != "omniglot":
+            raise ConfigError(f"model.arch {self.model.arch} expects data.dataset=omniglot (28x28 gray)")
+
+
+EXPERIMENTS: dict[str, type] = {"sinusoid": SinusoidConfig, "fewshot": FewShotConfig}
 
 
 def _pair(v: list[float], key: str) -> None:
@@ -156,6 +218,10 @@ def build(raw: dict):
         raise ConfigError(f"experiment: {name!r} not allowed; choose from {sorted(EXPERIMENTS)}")
     cfg = _from_dict(EXPERIMENTS[name], raw, "")
     cfg.check()
+    if cfg.train.device == "auto":
+        import torch
+
+        cfg.train.device = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg
 
 
@@ -178,7 +244,7 @@ def _from_dict(cls, raw: dict, prefix: str):
     hints = typing.get_type_hints(cls)
     for key in raw:
         if key not in fields:
-            raise ConfigError(f"unknown key {prefix}{key!r}; allowed keys here: {sorted(fields)}")
+            raise ConfigError(f"unknown key '{prefix}{key}'; allowed keys here: {sorted(fields)}")
     values = {}
     for name, f in fields.items():
         if name not in raw:

@@ -18,6 +18,7 @@ from . import checkpoint as ckpt
 from .metrics import MetricLog
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
 
 
 class RunExistsError(RuntimeError):
@@ -54,6 +55,7 @@ class Trainer:
         metadata: dict | None = None,
         validate: Callable[[], dict[str, float]] | None = None,
         validate_every: int = 0,
+        select_on: str | None = None,
         grad_clip: float | None = None,
         name: str = "train",
     ):
@@ -67,6 +69,8 @@ class Trainer:
         self.metadata = metadata or {}
         self.validate = validate
         self.validate_every = validate_every
+        self.select_on = select_on
+        self.best = float("-inf")
         self.grad_clip = grad_clip
         self.name = name
         self.optimizer = make_optimizer(learner.parameters(), meta_lr)
@@ -83,9 +87,20 @@ class Trainer:
                 "learner": self.learner.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "rng": ckpt.rng_state(self.generator),
+                "best": self.best,
                 **self.metadata,
             },
             self.checkpoint_path,
+        )
+
+    def _maybe_save_best(self, row: dict) -> None:
+        """Keep the weights with the best validation score (``select_on``, higher is better)."""
+        if self.select_on is None or self.select_on not in row or not row[self.select_on] > self.best:
+            return
+        self.best = row[self.select_on]
+        ckpt.save_atomic(
+            {"iteration": self.iteration, "learner": self.learner.state_dict(), self.select_on: self.best, **self.metadata},
+            self.run_dir / BEST,
         )
 
     def restore(self) -> None:
@@ -94,6 +109,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         ckpt.set_rng_state(state["rng"], self.generator)
         self.iteration = state["iteration"]
+        self.best = state.get("best", float("-inf"))
 
     def fit(self, resume: bool = False, progress: bool = True) -> bool:
         """Train to ``iterations``; returns False if stopped early by a signal (checkpoint saved)."""
@@ -129,6 +145,7 @@ class Trainer:
                         row = {"loss": running.item() / count, "its_per_s": count / dt}
                         if self.validate and self.validate_every and (it % self.validate_every == 0 or final):
                             row.update(self.validate())
+                            self._maybe_save_best(row)
                         log.log(it, **row)
                         bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
                         bar.update(count)

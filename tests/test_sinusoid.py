@@ -1,0 +1,147 @@
+"""Sinusoid tasks, the training loop (resume, logs) and the experiment end to end."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from mamlkit import config
+from mamlkit.experiments import sinusoid
+from mamlkit.tasks import SinusoidTasks
+from mamlkit.training import RunExistsError, Trainer, mean_ci
+
+
+def small_cfg(**overrides):
+    sets = {
+        "train.iterations": 40, "train.checkpoint_every": 20, "train.log_every": 10, "train.meta_batch_size": 5,
+        "maml.compile": False, "eval.num_tasks": 20, "eval.tune_tasks": 10, "eval.steps": 3,
+        "eval.tune_lrs": [0.001, 0.01], **overrides,
+    }
+    return config.load("sinusoid", [f"{k}={v}" for k, v in sets.items()])
+
+
+def test_sinusoid_tasks_follow_the_distribution():
+    tasks = SinusoidTasks()
+    g = torch.Generator().manual_seed(0)
+    amp, phase = tasks.sample_params(4000, g)
+    assert 0.1 <= amp.min() and amp.max() <= 5.0 and 0 <= phase.min() and phase.max() <= math.pi
+    assert abs(amp.mean().item() - 2.55) < 0.1 and abs(phase.mean().item() - math.pi / 2) < 0.1
+    b = tasks.batch(7, 5, 3, g)
+    assert b.support_inputs.shape == (7, 5, 1) and b.query_targets.shape == (7, 3, 1)
+    assert b.support_inputs.abs().max() <= 5.0
+    # Support and query points of a task lie on the same sinusoid: fit A and phi from 8 points.
+    x = torch.cat([b.support_inputs, b.query_inputs], 1)[0, :, 0].double()
+    y = torch.cat([b.support_targets, b.query_targets], 1)[0, :, 0].double()
+    coef = torch.linalg.lstsq(torch.stack([torch.sin(x), torch.cos(x)], 1), y[:, None]).solution
+    torch.testing.assert_close(torch.stack([torch.sin(x), torch.cos(x)], 1) @ coef, y[:, None], atol=1e-5, rtol=1e-5)
+
+
+def test_task_stream_is_deterministic_for_a_seed():
+    tasks = SinusoidTasks()
+    a = tasks.batch(3, 4, 4, torch.Generator().manual_seed(5))
+    b = tasks.batch(3, 4, 4, torch.Generator().manual_seed(5))
+    c = tasks.batch(3, 4, 4, torch.Generator().manual_seed(6))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a.support_inputs, c.support_inputs)
+
+
+def test_oracle_inputs_carry_the_task():
+    tasks = SinusoidTasks(oracle=True)
+    b = tasks.batch(2, 3, 3, torch.Generator().manual_seed(0))
+    assert b.support_inputs.shape == (2, 3, 3)
+    x, amp, phase = b.support_inputs[..., 0], b.support_inputs[..., 1], b.support_inputs[..., 2]
+    torch.testing.assert_close(b.support_targets[..., 0], amp * torch.sin(x - phase))
+    assert torch.equal(amp[:, 0], amp[:, 1])
+
+
+def test_mean_ci():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    mean, ci = mean_ci(values)
+    assert mean.item() == pytest.approx(2.5)
+    assert ci.item() == pytest.approx(1.96 * values.std().item() / 2)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """A run killed after its first checkpoint and resumed ends where an uninterrupted run does."""
+    cfg = small_cfg(models="[maml]")
+
+    def trainer(run_dir, sample=None):
+        torch.manual_seed(0)
+        learner = sinusoid.make_learner(cfg, "maml")
+        tasks = sinusoid.make_tasks(cfg, "maml")
+        return Trainer(
+            run_dir, learner, sample or sinusoid.make_sampler(cfg, "maml", tasks), torch.Generator().manual_seed(1),
+            iterations=40, meta_lr=1e-3, checkpoint_every=20, log_every=10,
+        )
+
+    straight = trainer(tmp_path / "straight")
+    assert straight.fit(progress=False)
+
+    calls = {"n": 0}
+    real = sinusoid.make_sampler(cfg, "maml", sinusoid.make_tasks(cfg, "maml"))
+
+    def dies_at_30(g):
+        calls["n"] += 1
+        if calls["n"] == 30:
+            raise KeyboardInterrupt  # like a kill between checkpoints
+        return real(g)
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "killed", dies_at_30).fit(progress=False)
+    with pytest.raises(RunExistsError):
+        trainer(tmp_path / "killed").fit(progress=False)
+    resumed = trainer(tmp_path / "killed")
+    assert resumed.fit(resume=True, progress=False)
+    assert resumed.iteration == 40
+    for a, b in zip(straight.learner.parameters(), resumed.learner.parameters()):
+        assert torch.equal(a, b)
+    with open(tmp_path / "killed" / "metrics.csv") as f:
+        assert [int(r["iteration"]) for r in csv.DictReader(f)] == [10, 20, 30, 40]
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(config.ConfigError, match=r"unknown key 'train.iteratons'.*iterations"):
+        config.load("sinusoid", ["train.iteratons=5"])
+    with pytest.raises(config.ConfigError, match=r"maml.inner_lr: -1.0 out of range"):
+        config.load("sinusoid", ["maml.inner_lr=-1"])
+    with pytest.raises(config.ConfigError, match=r"maml.strategy: 'fast' not allowed; choose from"):
+        config.load("sinusoid", ["maml.strategy=fast"])
+    with pytest.raises(config.ConfigError, match=r"train.iterations: expected an integer"):
+        config.load("sinusoid", ["train.iterations=many"])
+    with pytest.raises(config.ConfigError, match=r"unknown preset 'nope'"):
+        config.load("nope")
+    with pytest.raises(config.ConfigError, match=r"task.amplitude: expected \[low, high\]"):
+        config.load("sinusoid", ["task.amplitude=[5, 1]"])
+    cfg = config.load("sinusoid", ["train.iterations=12", "maml.adapt=['2.*']"])
+    assert cfg.train.iterations == 12 and cfg.maml.adapt == ["2.*"] and cfg.maml.inner_lr == 0.01
+
+
+def test_user_yaml_works_like_a_preset(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("experiment: sinusoid\ntrain:\n  iterations: 7\n")
+    assert config.load(str(path)).train.iterations == 7
+    path.write_text("experiment: sinusoid\ntrain:\n  iterations: 0\n")
+    with pytest.raises(config.ConfigError, match="train.iterations: 0 out of range"):
+        config.load(str(path))
+
+
+def test_maml_learns_and_beats_pretrained(tmp_path):
+    """Short end-to-end run: MAML's meta-loss falls and one step beats the pretrained baseline."""
+    cfg = small_cfg(**{"train.iterations": 1500, "train.log_every": 100, "train.checkpoint_every": 1500,
+                       "train.meta_batch_size": 10, "maml.strategy": "vmap", "models": "[maml, pretrained, oracle]",
+                       "eval.num_tasks": 100, "eval.shots": "[10]", "eval.steps": 5})
+    assert sinusoid.train(cfg, tmp_path, progress=False)
+    with open(tmp_path / "maml" / "metrics.csv") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    assert losses[-1] < 0.5 * losses[0]
+    results = sinusoid.evaluate(tmp_path)
+    mse = {k: v["shots"]["10"]["mse"] for k, v in results["models"].items()}
+    assert mse["maml"][1] < 0.5 * mse["maml"][0]  # one step helps a lot
+    assert mse["maml"][1] < mse["pretrained"][1]
+    assert mse["oracle"][0] < mse["maml"][1]  # the oracle knows the task
+    assert json.loads((tmp_path / "eval.json").read_text())["models"]["maml"]["iterations"] == 1500
+    assert "| MAML | 10 |" in (tmp_path / "eval.md").read_text()
+    for png in sinusoid.plot(tmp_path):
+        assert png.stat().st_size > 10_000
