@@ -153,7 +153,9 @@ def test_torch_norm_layers_are_exact_or_refused(norm):
     assert maml.strategy == "loop"
     assert_matches_fd(maml, make_batch(k=8, q=8))
     # First order has no second derivative to get wrong: vmap is allowed and agrees with the loop.
-    fo = [engine_grad(MAML(model, inner_lr=0.1, first_order=True, strategy=s), make_batch(k=8)) for s in ("loop", "vmap")]
+    fo = [
+        engine_grad(MAML(model, inner_lr=0.1, first_order=True, strategy=s), make_batch(k=8)) for s in ("loop", "vmap")
+    ]
     for a, b in zip(*fo):
         torch.testing.assert_close(a, b)
 
@@ -224,7 +226,9 @@ def test_buffer_frozen_and_unused_parameters(strategy):
     for p, w in zip(trainable, want):
         torch.testing.assert_close(p.grad if p.grad is not None else torch.zeros_like(p), w, rtol=1e-6, atol=1e-8)
     assert model.frozen.grad is None
-    torch.testing.assert_close(maml.adapt(batch.support_inputs[0], batch.support_targets[0])["unused"], model.unused.detach())
+    torch.testing.assert_close(
+        maml.adapt(batch.support_inputs[0], batch.support_targets[0])["unused"], model.unused.detach()
+    )
 
 
 def test_adapt_leaves_model_untouched_and_follows_schedule():
@@ -280,7 +284,9 @@ def test_adaptation_curve_starts_at_unadapted_loss_and_matches_adapt():
     for t in range(4):
         torch.testing.assert_close(curve[t, 0], F.mse_loss(maml(batch.query_inputs[t]), batch.query_targets[t]))
         adapted = maml.adapt(batch.support_inputs[t], batch.support_targets[t], steps=3)
-        torch.testing.assert_close(curve[t, 3], F.mse_loss(maml(batch.query_inputs[t], adapted), batch.query_targets[t]))
+        torch.testing.assert_close(
+            curve[t, 3], F.mse_loss(maml(batch.query_inputs[t], adapted), batch.query_targets[t])
+        )
 
 
 class TiedNet(nn.Module):

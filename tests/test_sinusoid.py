@@ -15,9 +15,16 @@ from mamlkit.training import RunExistsError, Trainer, mean_ci
 
 def small_cfg(**overrides):
     sets = {
-        "train.iterations": 40, "train.checkpoint_every": 20, "train.log_every": 10, "train.meta_batch_size": 5,
-        "maml.compile": False, "eval.num_tasks": 20, "eval.tune_tasks": 10, "eval.steps": 3,
-        "eval.tune_lrs": [0.001, 0.01], **overrides,
+        "train.iterations": 40,
+        "train.checkpoint_every": 20,
+        "train.log_every": 10,
+        "train.meta_batch_size": 5,
+        "maml.compile": False,
+        "eval.num_tasks": 20,
+        "eval.tune_tasks": 10,
+        "eval.steps": 3,
+        "eval.tune_lrs": [0.001, 0.01],
+        **overrides,
     }
     return config.load("sinusoid", [f"{k}={v}" for k, v in sets.items()])
 
@@ -72,8 +79,14 @@ def test_resume_continues_exactly(tmp_path):
         learner = sinusoid.make_learner(cfg, "maml")
         tasks = sinusoid.make_tasks(cfg, "maml")
         return Trainer(
-            run_dir, learner, sample or sinusoid.make_sampler(cfg, "maml", tasks), torch.Generator().manual_seed(1),
-            iterations=40, meta_lr=1e-3, checkpoint_every=20, log_every=10,
+            run_dir,
+            learner,
+            sample or sinusoid.make_sampler(cfg, "maml", tasks),
+            torch.Generator().manual_seed(1),
+            iterations=40,
+            meta_lr=1e-3,
+            checkpoint_every=20,
+            log_every=10,
         )
 
     straight = trainer(tmp_path / "straight")
@@ -129,9 +142,19 @@ def test_user_yaml_works_like_a_preset(tmp_path):
 
 def test_maml_learns_and_beats_pretrained(tmp_path):
     """Short end-to-end run: MAML's meta-loss falls and one step beats the pretrained baseline."""
-    cfg = small_cfg(**{"train.iterations": 1500, "train.log_every": 100, "train.checkpoint_every": 1500,
-                       "train.meta_batch_size": 10, "maml.strategy": "vmap", "models": "[maml, pretrained, oracle]",
-                       "eval.num_tasks": 100, "eval.shots": "[10]", "eval.steps": 5})
+    cfg = small_cfg(
+        **{
+            "train.iterations": 1500,
+            "train.log_every": 100,
+            "train.checkpoint_every": 1500,
+            "train.meta_batch_size": 10,
+            "maml.strategy": "vmap",
+            "models": "[maml, pretrained, oracle]",
+            "eval.num_tasks": 100,
+            "eval.shots": "[10]",
+            "eval.steps": 5,
+        }
+    )
     assert sinusoid.train(cfg, tmp_path, progress=False)
     with open(tmp_path / "maml" / "metrics.csv") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f)]

@@ -63,7 +63,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a preset or YAML config")
     t.add_argument("config", help="preset name (see `mamlkit presets`) or path to a YAML file")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.iterations=1000")
+    t.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.iterations=1000"
+    )
     t.add_argument("--out", help="run directory (default: runs/<preset>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

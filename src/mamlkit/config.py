@@ -108,8 +108,11 @@ class FewShotDataConfig:
     dataset: str = spec("omniglot", choices=("omniglot", "miniimagenet"))
     root: str | None = spec(None, doc="data directory; null = $MAMLKIT_OMNIGLOT_DIR / $MAMLKIT_MINIIMAGENET_DIR")
     cache_dir: str | None = spec(None, doc="preprocessed cache; null = $MAMLKIT_CACHE_DIR or ~/.cache/mamlkit")
-    resize: str = spec("nearest", choices=("nearest", "lanczos"),
-                       doc="Omniglot 28x28 resize: nearest = the official binary images, lanczos = gray levels")
+    resize: str = spec(
+        "nearest",
+        choices=("nearest", "lanczos"),
+        doc="Omniglot 28x28 resize: nearest = the official binary images, lanczos = gray levels",
+    )
     rotate: bool = spec(True, doc="rotate each class of a task by a random multiple of 90 degrees (Omniglot)")
 
 
@@ -187,7 +190,9 @@ def load_raw(preset_or_path: str) -> dict:
     else:
         res = resources.files("mamlkit.presets") / f"{preset_or_path}.yaml"
         if not res.is_file():
-            raise ConfigError(f"unknown preset {preset_or_path!r}; presets are {preset_names()}, or pass a YAML file path")
+            raise ConfigError(
+                f"unknown preset {preset_or_path!r}; presets are {preset_names()}, or pass a YAML file path"
+            )
         text = res.read_text()
     raw = yaml.safe_load(text) or {}
     if not isinstance(raw, dict):

@@ -35,8 +35,13 @@ def steps_curves(ax, series: dict[str, tuple[list, list]], ylabel: str) -> None:
             continue
         steps = list(range(len(mean)))
         line = ax.plot(steps, mean, marker="o", ms=3, label=label)[0]
-        ax.fill_between(steps, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)],
-                        color=line.get_color(), alpha=0.2)
+        ax.fill_between(
+            steps,
+            [m - c for m, c in zip(mean, ci)],
+            [m + c for m, c in zip(mean, ci)],
+            color=line.get_color(),
+            alpha=0.2,
+        )
     ax.set_xlabel("number of gradient steps")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -4,4 +4,13 @@ from .functional import FunctionalModel, Params, select_names
 from .maml import MAML, TaskBatch
 from .strategies import STRATEGIES, map_tasks, vmap_unsafe_modules
 
-__all__ = ["MAML", "TaskBatch", "FunctionalModel", "Params", "select_names", "map_tasks", "STRATEGIES", "vmap_unsafe_modules"]
+__all__ = [
+    "MAML",
+    "TaskBatch",
+    "FunctionalModel",
+    "Params",
+    "select_names",
+    "map_tasks",
+    "STRATEGIES",
+    "vmap_unsafe_modules",
+]

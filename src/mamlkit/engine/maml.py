@@ -76,9 +76,7 @@ class MAML(nn.Module):
         self.first_order = first_order
         self.adapted_names = select_names(self.fmodel.aliases, adapt)
         if inner_steps > 0 and not self.adapted_names:
-            raise ValueError(
-                f"adapt={adapt!r} matches no trainable parameter; names are {list(self.fmodel.aliases)}"
-            )
+            raise ValueError(f"adapt={adapt!r} matches no trainable parameter; names are {list(self.fmodel.aliases)}")
         self.learn_inner_lr = learn_inner_lr
         if learn_inner_lr:
             params = self.fmodel.params()
@@ -115,7 +113,9 @@ class MAML(nn.Module):
         ``None`` uses the training step size (learned ones under Meta-SGD).
         """
         steps = self.inner_steps if steps is None else steps
-        return self._adapt(self.params() if params is None else params, inputs, targets, self._lrs(lr, steps), create_graph)
+        return self._adapt(
+            self.params() if params is None else params, inputs, targets, self._lrs(lr, steps), create_graph
+        )
 
     def _adapt(self, params: Params, inputs, targets, lrs: list, create_graph: bool) -> Params:
         for lr in lrs:

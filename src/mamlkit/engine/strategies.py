@@ -23,7 +23,9 @@ _VMAP_UNSAFE_SECOND_ORDER: tuple[type[nn.Module], ...] = (
 
 def vmap_unsafe_modules(model: nn.Module) -> list[str]:
     """Names of submodules whose second-order gradients are wrong under ``vmap``."""
-    return [name or type(model).__name__ for name, m in model.named_modules() if isinstance(m, _VMAP_UNSAFE_SECOND_ORDER)]
+    return [
+        name or type(model).__name__ for name, m in model.named_modules() if isinstance(m, _VMAP_UNSAFE_SECOND_ORDER)
+    ]
 
 
 def resolve_strategy(strategy: str, model: nn.Module, second_order: bool) -> str:
@@ -51,7 +53,7 @@ def map_tasks(fn: Callable, in_dims: tuple, *args, strategy: str = "vmap"):
     n = _num_tasks(args, in_dims)
     outs = []
     for i in range(n):
-        task_args = [tree_map(lambda t: t[i], a) if d == 0 else a for a, d in zip(args, in_dims)]
+        task_args = [tree_map(lambda t, i=i: t[i], a) if d == 0 else a for a, d in zip(args, in_dims)]
         outs.append(fn(*task_args))
     return tree_map(lambda *xs: torch.stack(xs), *outs) if not isinstance(outs[0], torch.Tensor) else torch.stack(outs)
 

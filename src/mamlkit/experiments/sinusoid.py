@@ -22,7 +22,9 @@ LABELS = {"maml": "MAML", "pretrained": "pretrained", "oracle": "oracle"}
 
 def make_tasks(cfg: SinusoidConfig, kind: str) -> SinusoidTasks:
     t = cfg.task
-    return SinusoidTasks(tuple(t.amplitude), tuple(t.phase), tuple(t.x_range), cfg.train.device, oracle=kind == "oracle")
+    return SinusoidTasks(
+        tuple(t.amplitude), tuple(t.phase), tuple(t.x_range), cfg.train.device, oracle=kind == "oracle"
+    )
 
 
 def make_learner(cfg: SinusoidConfig, kind: str) -> MAML:
@@ -32,8 +34,15 @@ def make_learner(cfg: SinusoidConfig, kind: str) -> MAML:
     m = cfg.maml
     if kind == "maml":
         return MAML(
-            model, F.mse_loss, inner_lr=m.inner_lr, inner_steps=m.inner_steps, first_order=m.first_order,
-            adapt=m.adapt, learn_inner_lr=m.learn_inner_lr, strategy=m.strategy, compile=m.compile,
+            model,
+            F.mse_loss,
+            inner_lr=m.inner_lr,
+            inner_steps=m.inner_steps,
+            first_order=m.first_order,
+            adapt=m.adapt,
+            learn_inner_lr=m.learn_inner_lr,
+            strategy=m.strategy,
+            compile=m.compile,
         )
     return MAML(model, F.mse_loss, inner_lr=m.inner_lr, inner_steps=0, strategy=m.strategy, compile=m.compile)
 
@@ -62,9 +71,16 @@ def train(cfg: SinusoidConfig, run_dir: str | Path, resume: bool = False, progre
         generator = torch.Generator(cfg.train.device).manual_seed(cfg.train.seed + 100 + i)
         t = cfg.train
         trainer = Trainer(
-            run_dir / kind, learner, make_sampler(cfg, kind, make_tasks(cfg, kind)), generator,
-            iterations=t.iterations, meta_lr=t.meta_lr, checkpoint_every=t.checkpoint_every,
-            log_every=t.log_every, metadata={"kind": kind, "config": config_lib.to_dict(cfg)}, name=kind,
+            run_dir / kind,
+            learner,
+            make_sampler(cfg, kind, make_tasks(cfg, kind)),
+            generator,
+            iterations=t.iterations,
+            meta_lr=t.meta_lr,
+            checkpoint_every=t.checkpoint_every,
+            log_every=t.log_every,
+            metadata={"kind": kind, "config": config_lib.to_dict(cfg)},
+            name=kind,
         )
         if not trainer.fit(resume=resume, progress=progress):
             return False
@@ -224,6 +240,8 @@ def _plot_fit(ax, learner: MAML, cfg: SinusoidConfig, kind: str, k: int, lr, tas
     for steps, style in ((1, "--"), (10, "-")):
         adapted = learner.adapt(si, st, steps=steps, lr=lr)
         with torch.no_grad():
-            ax.plot(xs.view(-1), learner(grid_in, adapted).view(-1), style, label=f"{steps} grad step{'s' * (steps > 1)}")
+            ax.plot(
+                xs.view(-1), learner(grid_in, adapted).view(-1), style, label=f"{steps} grad step{'s' * (steps > 1)}"
+            )
     ax.set_ylim(-6, 6)
     ax.legend(fontsize=7, loc="lower left")

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from torch import nn
 
 
-def mlp(in_features: int, hidden: Sequence[int], out_features: int, activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+def mlp(
+    in_features: int, hidden: Sequence[int], out_features: int, activation: type[nn.Module] = nn.ReLU
+) -> nn.Sequential:
     """``in -> hidden... -> out`` with ``activation`` between layers (the paper's sinusoid net: 1-40-40-1)."""
     layers: list[nn.Module] = []
     width = in_features

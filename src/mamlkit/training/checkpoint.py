@@ -31,11 +31,15 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 def load(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train first with `mamlkit train ... --out {path.parent.parent}`")
+        raise FileNotFoundError(
+            f"no checkpoint at {path}; train first with `mamlkit train ... --out {path.parent.parent}`"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # a truncated or foreign file
-        raise RuntimeError(f"checkpoint {path} could not be read ({e}); delete it and resume from an earlier run") from e
+        raise RuntimeError(
+            f"checkpoint {path} could not be read ({e}); delete it and resume from an earlier run"
+        ) from e
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict:

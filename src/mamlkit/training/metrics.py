@@ -26,7 +26,9 @@ class MetricLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_from + 1 if resume_from else None)
+                self.writer = SummaryWriter(
+                    str(Path(run_dir) / "tb"), purge_step=resume_from + 1 if resume_from else None
+                )
             except ImportError:  # tensorboard is optional at run time; the CSV always exists
                 self.writer = None
 

@@ -99,7 +99,12 @@ class Trainer:
             return
         self.best = row[self.select_on]
         ckpt.save_atomic(
-            {"iteration": self.iteration, "learner": self.learner.state_dict(), self.select_on: self.best, **self.metadata},
+            {
+                "iteration": self.iteration,
+                "learner": self.learner.state_dict(),
+                self.select_on: self.best,
+                **self.metadata,
+            },
             self.run_dir / BEST,
         )
 
@@ -120,7 +125,9 @@ class Trainer:
                 )
             self.restore()
         log = MetricLog(self.run_dir, resume_from=self.iteration)
-        bar = tqdm(total=self.iterations, initial=self.iteration, desc=self.name, disable=not progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.iterations, initial=self.iteration, desc=self.name, disable=not progress, dynamic_ncols=True
+        )
         running, count, t0 = torch.zeros(()), 0, time.perf_counter()
         stopped = False
         try:
