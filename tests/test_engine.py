@@ -329,3 +329,18 @@ def test_the_vmap_normalisation_trap_is_real():
     want = finite_difference_grad(lambda: maml.meta_loss(batch), list(maml.parameters()))
     worst = max(((g - w).norm() / w.norm()).item() for g, w in zip(got, want))
     assert worst > 1e-4
+
+
+def test_auto_strategy_is_measured_and_changes_nothing():
+    torch.manual_seed(12)
+    model = mlp(2, [8], 1)
+    batch = make_batch()
+    auto = MAML(model, inner_lr=0.1, strategy="auto")
+    rng = torch.get_rng_state()
+    got = engine_grad(auto, batch)
+    assert torch.equal(rng, torch.get_rng_state())  # timing runs consume no randomness
+    assert set(auto.strategy_timings) == {"vmap", "loop"}
+    assert auto.strategy == min(auto.strategy_timings, key=auto.strategy_timings.get)
+    want = engine_grad(MAML(model, inner_lr=0.1, strategy="loop"), batch)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)  # and the timing runs left no gradient behind

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import FunctionalModel, Params, select_names
-from .strategies import map_tasks, resolve_strategy
+from .strategies import candidate_strategies, fastest, map_tasks
 
 LossFn = Callable[[Any, Any], Tensor]
 StepSize = float | Sequence[float] | None
@@ -42,8 +42,10 @@ class MAML(nn.Module):
             ``["*", "!*.bn.bias"]``), a predicate on names, or ``None`` for all. The others
             are still meta-learned.
         learn_inner_lr: Meta-SGD: learn a step size per parameter element.
-        strategy: ``"loop"``, ``"vmap"`` or ``"auto"`` (vmap unless the model holds layers
-            whose second-order gradients vmap gets wrong).
+        strategy: ``"loop"``, ``"vmap"`` or ``"auto"``: the faster of the two, measured on the
+            first meta-batch (only the loop where the model holds layers whose second-order
+            gradients vmap gets wrong). ``self.strategy`` tells the choice,
+            ``self.strategy_timings`` the measurements.
         compile: run the meta-batch computation under ``torch.compile``.
     """
 
@@ -83,10 +85,11 @@ class MAML(nn.Module):
             self.inner_lrs = nn.ParameterDict(
                 {_key(n): nn.Parameter(torch.full_like(params[n].detach(), inner_lr)) for n in self.adapted_names}
             )
-        self.strategy = resolve_strategy(strategy, model, second_order=not first_order and inner_steps > 0)
-        self._batched_meta_forward = (
-            torch.compile(self._meta_forward_impl, dynamic=False) if compile else self._meta_forward_impl
-        )
+        self._candidates = candidate_strategies(strategy, model, second_order=not first_order and inner_steps > 0)
+        self.strategy = self._candidates[0]
+        self.strategy_timings: dict[str, float] = {}
+        self._compile = compile
+        self._batched_meta_forward = None  # chosen and built on the first meta-batch
 
     # -- functional pieces -------------------------------------------------------------
 
@@ -150,7 +153,26 @@ class MAML(nn.Module):
     def meta_forward(self, batch: TaskBatch) -> tuple[Tensor, Any]:
         """Per-task query losses (shape ``[tasks]``) and query outputs after adaptation."""
         lr = self.inner_lrs if self.learn_inner_lr else None
+        if self._batched_meta_forward is None:
+            self._choose_strategy(self.params(), lr, batch)
         return self._batched_meta_forward(self.params(), lr, *batch)
+
+    def _choose_strategy(self, params: Params, lr, batch: TaskBatch) -> None:
+        if len(self._candidates) > 1:
+            leaves = [p for p in params.values() if p.requires_grad]
+            device = leaves[0].device
+
+            def run(strategy: str) -> None:
+                self.strategy = strategy
+                losses, _ = self._meta_forward_impl(params, lr, *batch)
+                torch.autograd.grad(losses.mean(), leaves, allow_unused=True)  # no .grad side effects
+
+            sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                self.strategy_timings = fastest(run, self._candidates, sync)
+            self.strategy = min(self.strategy_timings, key=self.strategy_timings.get)
+        impl = self._meta_forward_impl
+        self._batched_meta_forward = torch.compile(impl, dynamic=False) if self._compile else impl
 
     def meta_loss(self, batch: TaskBatch) -> Tensor:
         """Mean query loss after adaptation, differentiable w.r.t. the meta-parameters."""

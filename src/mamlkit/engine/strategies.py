@@ -28,13 +28,19 @@ def vmap_unsafe_modules(model: nn.Module) -> list[str]:
     ]
 
 
-def resolve_strategy(strategy: str, model: nn.Module, second_order: bool) -> str:
-    """Pick ``loop`` or ``vmap``; refuse ``vmap`` where it would give a wrong meta-gradient."""
+def candidate_strategies(strategy: str, model: nn.Module, second_order: bool) -> list[str]:
+    """The strategies ``strategy`` allows for ``model``, most likely fastest first.
+
+    ``auto`` offers both where vmap is exact (the faster is then measured, since the ranking
+    depends on the model and device: vmap wins for MLPs everywhere and for convs on GPUs, a
+    loop can win for convs on a CPU) and only the loop where it is not. An explicit ``vmap``
+    that would give a wrong meta-gradient is refused.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     unsafe = vmap_unsafe_modules(model) if second_order else []
     if strategy == "auto":
-        return "loop" if unsafe else "vmap"
+        return ["loop"] if unsafe else ["vmap", "loop"]
     if strategy == "vmap" and unsafe:
         raise ValueError(
             "strategy='vmap' would give a silently wrong second-order meta-gradient through "
@@ -42,7 +48,31 @@ def resolve_strategy(strategy: str, model: nn.Module, second_order: bool) -> str
             "Use strategy='loop' or 'auto', first_order=True, or mamlkit.models.layers.BatchNorm "
             "(plain tensor ops, exact under vmap)."
         )
-    return strategy
+    return [strategy]
+
+
+def fastest(run: Callable[[str], None], candidates: list[str], sync: Callable[[], None], repeats: int = 3) -> dict:
+    """Time ``run(strategy)`` for each candidate (best of ``repeats`` after one warm-up).
+
+    A candidate that fails (out of memory, say) is timed as infinitely slow.
+    """
+    import time
+
+    timings = {}
+    for name in candidates:
+        best = float("inf")
+        try:
+            for i in range(repeats + 1):
+                sync()
+                t0 = time.perf_counter()
+                run(name)
+                sync()
+                if i:
+                    best = min(best, time.perf_counter() - t0)
+        except (RuntimeError, MemoryError):
+            best = float("inf")
+        timings[name] = best
+    return timings
 
 
 def map_tasks(fn: Callable, in_dims: tuple, *args, strategy: str = "vmap"):
