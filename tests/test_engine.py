@@ -8,7 +8,14 @@ from torch import nn
 from mamlkit import MAML, TaskBatch
 from mamlkit.models import BatchNorm, mlp
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Every test here runs in float64 (finite differences need it); other modules keep float32."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def make_batch(tasks=3, k=6, q=5, d_in=2, d_out=1, seed=0):
@@ -344,3 +351,46 @@ def test_auto_strategy_is_measured_and_changes_nothing():
     want = engine_grad(MAML(model, inner_lr=0.1, strategy="loop"), batch)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)  # and the timing runs left no gradient behind
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(strategy="vmap", inner_steps=2),
+        dict(strategy="loop", inner_steps=2),
+        dict(strategy="vmap", first_order=True, inner_steps=2),
+        dict(strategy="vmap", learn_inner_lr=True),
+        dict(strategy="vmap", adapt=["2.*"]),
+    ],
+    ids=["vmap", "loop", "first-order", "meta-sgd", "head-only"],
+)
+def test_meta_backward_equals_autograd_backward(kwargs):
+    """The trainer's fast path (one torch.func.grad transform) gives autograd's meta-gradient."""
+    torch.manual_seed(13)
+    model = mlp(2, [8], 1, nn.Tanh)
+    batch = make_batch()
+    maml = MAML(model, inner_lr=0.1, **kwargs)
+    maml._functional_grad = True  # the path compile=True takes, here without the compile time
+    want = engine_grad(maml, batch)
+    maml.zero_grad(set_to_none=True)
+    loss = maml.meta_backward(batch)
+    torch.testing.assert_close(loss, maml.meta_loss(batch).detach())
+    for p, w in zip(maml.parameters(), want):
+        torch.testing.assert_close(p.grad, w)
+    maml.meta_backward(batch)  # accumulates, like backward()
+    for p, w in zip(maml.parameters(), want):
+        torch.testing.assert_close(p.grad, 2 * w)
+
+
+def test_meta_backward_falls_back_to_autograd_for_torch_norm_layers():
+    torch.manual_seed(14)
+    maml = MAML(NormNet(nn.LayerNorm(6)), inner_lr=0.1, inner_steps=2, compile=True)
+    assert not maml._functional_grad
+    maml._compile = False  # the fallback is what is tested, not the compiler
+    batch = make_batch(k=8, q=8)
+    maml.zero_grad(set_to_none=True)
+    maml.meta_backward(batch)
+    got = [p.grad.clone() for p in maml.parameters()]
+    want = finite_difference_grad(lambda: maml.meta_loss(batch), list(maml.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -86,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (config_lib.ConfigError, FileNotFoundError, RuntimeError) as e:
+    except (FileNotFoundError, RuntimeError, ValueError) as e:  # config, data and checkpoint problems
+        if os.environ.get("MAMLKIT_DEBUG"):
+            raise
         print(f"mamlkit: error: {e}", file=sys.stderr)
         return 2
 

@@ -67,6 +67,11 @@ class SinusoidTaskConfig:
 @dataclass
 class SinusoidModelConfig:
     hidden: list[int] = spec([40, 40], doc="hidden layer widths of the ReLU MLP")
+    init: str = spec(
+        "official",
+        choices=("official", "torch"),
+        doc="official = weights ~ truncated N(0, 0.01²), zero biases (cbfinn/maml); torch = PyTorch defaults",
+    )
 
 
 @dataclass
@@ -107,6 +112,7 @@ class SinusoidConfig:
 class FewShotDataConfig:
     dataset: str = spec("omniglot", choices=("omniglot", "miniimagenet"))
     root: str | None = spec(None, doc="data directory; null = $MAMLKIT_OMNIGLOT_DIR / $MAMLKIT_MINIIMAGENET_DIR")
+    split_dir: str | None = spec(None, doc="MiniImagenet split CSVs when not beside images/; null = data.root")
     cache_dir: str | None = spec(None, doc="preprocessed cache; null = $MAMLKIT_CACHE_DIR or ~/.cache/mamlkit")
     resize: str = spec(
         "nearest",

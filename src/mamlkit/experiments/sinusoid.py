@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from .. import config as config_lib
 from ..config import SinusoidConfig
 from ..engine import MAML, TaskBatch
-from ..models import mlp
+from ..models import mlp, official_init_
 from ..tasks import SinusoidTasks
 from ..training import Trainer, mean_ci
 from ..training import checkpoint as ckpt
 
 KINDS = ("maml", "pretrained", "oracle")
 LABELS = {"maml": "MAML", "pretrained": "pretrained", "oracle": "oracle"}
+DIVERGED = 100.0  # an MSE this far above the data's variance (A² / 2 <= 12.5) means the steps diverged
 
 
 def make_tasks(cfg: SinusoidConfig, kind: str) -> SinusoidTasks:
@@ -30,7 +31,10 @@ def make_tasks(cfg: SinusoidConfig, kind: str) -> SinusoidTasks:
 def make_learner(cfg: SinusoidConfig, kind: str) -> MAML:
     """MAML for ``maml``; for the baselines the same engine with no inner step, i.e. the plain loss."""
     tasks = make_tasks(cfg, kind)
-    model = mlp(tasks.input_dim, cfg.model.hidden, 1).to(cfg.train.device)
+    model = mlp(tasks.input_dim, cfg.model.hidden, 1)
+    if cfg.model.init == "official":
+        official_init_(model)
+    model = model.to(cfg.train.device)
     m = cfg.maml
     if kind == "maml":
         return MAML(
@@ -136,10 +140,15 @@ def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = Tr
             batch = test_tasks(cfg, kind, e.num_tasks, k, e.seed)
             mse = learner.adaptation_curve(batch, steps, lr=lr)["loss"]
             mean, ci = mean_ci(mse)
+            diverged = ~torch.isfinite(mse[:, -1]) | (mse[:, -1] > DIVERGED)
             per_k[str(k)] = {
                 "lr": lr if lr is not None else "learned",
                 "mse": mean.tolist(),
                 "ci95": ci.tolist(),
+                "median": mse.median(0).values.tolist(),
+                # Tasks whose repeated steps blow up (mean dominated by a few): reported, never hidden.
+                "diverged_tasks": int(diverged.sum()),
+                "mse_without_diverged": mse[~diverged].mean(0).tolist(),
                 **({"lr_tuning": tuning} if tuning else {}),
             }
         iteration = ckpt.load(run_dir / kind / "checkpoint.pt")["iteration"]
@@ -173,13 +182,23 @@ def format_table(results: dict, steps_shown=(0, 1, 5, 10)) -> str:
                 cells.append(f"{r['mse'][i]:.3f} ± {r['ci95'][i]:.3f}")
             lr = r["lr"] if isinstance(r["lr"], str) else f"{r['lr']:g}"
             lines.append(f"| {LABELS[kind]} | {k} | {lr} | " + " | ".join(cells) + " |")
+    notes = [
+        f"- {LABELS[kind]}, K = {k}: {r['diverged_tasks']} of {results['eval']['num_tasks']} tasks diverged by step "
+        f"{len(r['mse']) - 1} (MSE > {DIVERGED:g} or not finite); after 1/5/10 steps, mean MSE of the others: "
+        + " / ".join(f"{r['mse_without_diverged'][min(s, len(r['mse']) - 1)]:.3f}" for s in (1, 5, 10))
+        + ", median MSE of all: "
+        + " / ".join(f"{r['median'][min(s, len(r['median']) - 1)]:.3f}" for s in (1, 5, 10))
+        for kind, res in results["models"].items()
+        for k, r in res["shots"].items()
+        if r.get("diverged_tasks")
+    ]
     n_tasks = results["eval"]["num_tasks"]
     head = (
         f"MSE on {n_tasks} test tasks (mean ± 95% CI); the oracle takes no steps.\n\n"
         "| model | K | step size | " + " | ".join(f"{s} steps" for s in steps_shown) + " |\n"
         "|---|---|---|" + "---|" * len(steps_shown) + "\n"
     )
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 def plot(run_dir: str | Path, task_index: int = 0) -> list[Path]:
@@ -202,6 +221,9 @@ def plot(run_dir: str | Path, task_index: int = 0) -> list[Path]:
     for ax, k in zip(axes[0], shots):
         series = {LABELS[kind]: (m["shots"][k]["mse"], m["shots"][k]["ci95"]) for kind, m in models.items()}
         plots.steps_curves(ax, series, "mean squared error")
+        # A task whose steps diverge can dominate the mean: keep the axis at the scale of the
+        # unadapted error so the other curves stay readable (eval.md counts such tasks).
+        ax.set_ylim(0, 1.15 * max(m["shots"][k]["mse"][0] for m in models.values()))
         ax.set_title(f"K = {k}")
     out.append(plots.save(fig, run_dir / "plots" / "mse_vs_steps.png"))
 

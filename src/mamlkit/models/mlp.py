@@ -18,3 +18,13 @@ def mlp(
         width = h
     layers.append(nn.Linear(width, out_features))
     return nn.Sequential(*layers)
+
+
+def official_init_(net: nn.Module, std: float = 0.01) -> nn.Module:
+    """The official MAML code's fully connected initialisation: weights from a normal truncated
+    at two standard deviations with ``std`` 0.01, biases zero."""
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            nn.init.zeros_(m.bias)
+    return net

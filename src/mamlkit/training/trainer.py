@@ -34,7 +34,8 @@ def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
 
 
 class Trainer:
-    """Trains ``learner`` (anything with ``meta_loss(batch)``) on batches from ``sample(generator)``.
+    """Trains ``learner`` (anything with ``meta_backward(batch)``, which fills ``.grad`` and returns
+    the loss) on batches from ``sample(generator)``.
 
     The run directory receives ``checkpoint.pt`` (every ``checkpoint_every`` iterations, at
     the end, and on Ctrl-C / SIGTERM), ``metrics.csv`` and ``tb/``. ``resume=True`` continues
@@ -75,6 +76,7 @@ class Trainer:
         self.name = name
         self.optimizer = make_optimizer(learner.parameters(), meta_lr)
         self.iteration = 0
+        self._told = False
 
     @property
     def checkpoint_path(self) -> Path:
@@ -135,14 +137,17 @@ class Trainer:
                 while self.iteration < self.iterations:
                     batch = self.sample(self.generator)
                     self.optimizer.zero_grad(set_to_none=True)
-                    loss = self.learner.meta_loss(batch)
-                    loss.backward()
+                    loss = self.learner.meta_backward(batch)
                     if self.grad_clip:
                         for p in self.learner.parameters():
                             if p.grad is not None:
                                 p.grad.clamp_(-self.grad_clip, self.grad_clip)
                     self.optimizer.step()
                     self.iteration += 1
+                    if count == 0 and getattr(self.learner, "strategy_timings", None) and not self._told:
+                        self._told = True
+                        ms = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.learner.strategy_timings.items())
+                        bar.write(f"{self.name}: strategy {self.learner.strategy} (measured: {ms})")
                     running = running.to(loss.device) + loss.detach()
                     count += 1
                     it = self.iteration

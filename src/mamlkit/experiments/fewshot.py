@@ -1,0 +1,229 @@
+"""Few-shot image classification: Omniglot and MiniImagenet (paper Section 5.2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import config as config_lib
+from ..config import FewShotConfig
+from ..engine import MAML
+from ..models import ADAPT_ALL_BUT_NORM, MLPNet, miniimagenet_conv4, omniglot_conv4
+from ..tasks.fewshot import FewShotTasks
+from ..training import Trainer, mean_ci
+from ..training import checkpoint as ckpt
+from ..training.trainer import BEST, CHECKPOINT
+
+MODERN_QUERY = 15
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    return (logits.argmax(-1) == labels).float().mean()
+
+
+def load_split(cfg: FewShotConfig, split: str) -> Tensor:
+    """The split's images ``[classes, examples, ...]`` on the training device, loaded once."""
+    d = cfg.data
+    if d.dataset == "omniglot":
+        from ..data.omniglot import load_omniglot
+
+        images = load_omniglot(d.root, resize=d.resize, cache_dir=d.cache_dir).split_images(split)
+    else:
+        from ..data.miniimagenet import load_miniimagenet
+
+        images = load_miniimagenet(d.root, split, split_dir=d.split_dir, cache_dir=d.cache_dir).images
+    return images.to(cfg.train.device)
+
+
+def make_tasks(cfg: FewShotConfig, images: Tensor, q_query: int) -> FewShotTasks:
+    omniglot = cfg.data.dataset == "omniglot"
+    return FewShotTasks(
+        images,
+        cfg.task.n_way,
+        cfg.task.k_shot,
+        q_query,
+        rotate=cfg.data.rotate and omniglot,
+        scale=None if images.is_floating_point() else 1 / 255,
+    )
+
+
+def make_model(cfg: FewShotConfig) -> nn.Module:
+    n = cfg.task.n_way
+    return {"omniglot_conv4": omniglot_conv4, "miniimagenet_conv4": miniimagenet_conv4, "mlp": MLPNet}[cfg.model.arch](
+        n
+    )
+
+
+def make_learner(cfg: FewShotConfig) -> MAML:
+    m = cfg.maml
+    model = make_model(cfg).to(cfg.train.device)
+    return MAML(
+        model,
+        F.cross_entropy,
+        inner_lr=m.inner_lr,
+        inner_steps=m.inner_steps,
+        first_order=m.first_order,
+        adapt=m.adapt if m.adapt is not None else ADAPT_ALL_BUT_NORM,
+        learn_inner_lr=m.learn_inner_lr,
+        strategy=m.strategy,
+        compile=m.compile,
+    )
+
+
+def accuracy_curve(learner: MAML, tasks: FewShotTasks, n_tasks: int, chunk: int, steps: int, lr, seed: int, device):
+    """Query accuracy of ``n_tasks`` tasks (from ``seed``) after 0..steps inner steps: ``[n_tasks, steps+1]``."""
+    g = torch.Generator(device).manual_seed(seed)
+    rows = []
+    for start in range(0, n_tasks, chunk):
+        batch = tasks.batch(min(chunk, n_tasks - start), g)
+        rows.append(learner.adaptation_curve(batch, steps, lr=lr, metrics={"acc": accuracy})["acc"])
+    return torch.cat(rows)
+
+
+def _test_lr(cfg: FewShotConfig):
+    if cfg.eval.inner_lr is not None:
+        return cfg.eval.inner_lr
+    return None if cfg.maml.learn_inner_lr else cfg.maml.inner_lr
+
+
+def train(cfg: FewShotConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> bool:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.dump(cfg, run_dir / "config.yaml")
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    learner = make_learner(cfg)
+    train_tasks = make_tasks(cfg, load_split(cfg, "train"), cfg.task.q_query)
+    validate = None
+    if t.validate_every:
+        # Validation under the paper's protocol (K queries per class) after the training step count,
+        # on the same tasks each time so that scores are comparable; it selects best.pt.
+        val_tasks = make_tasks(cfg, load_split(cfg, "val"), cfg.task.k_shot)
+
+        def validate() -> dict[str, float]:
+            acc = accuracy_curve(
+                learner, val_tasks, t.val_tasks, cfg.eval.task_batch, cfg.maml.inner_steps, None, t.seed + 7, t.device
+            )[:, -1]
+            return {"val_acc": acc.mean().item()}
+
+    generator = torch.Generator(t.device).manual_seed(t.seed + 100)
+    trainer = Trainer(
+        run_dir,
+        learner,
+        lambda g: train_tasks.batch(t.meta_batch_size, g),
+        generator,
+        iterations=t.iterations,
+        meta_lr=t.meta_lr,
+        checkpoint_every=t.checkpoint_every,
+        log_every=t.log_every,
+        metadata={"config": config_lib.to_dict(cfg)},
+        validate=validate,
+        validate_every=t.validate_every,
+        select_on="val_acc" if validate else None,
+        grad_clip=t.grad_clip,
+        name=run_dir.name,
+    )
+    return trainer.fit(resume=resume, progress=progress)
+
+
+def load_learner(run_dir: Path, which: str, device: str | None) -> tuple[MAML, FewShotConfig, dict]:
+    path = run_dir / (BEST if which == "best" and (run_dir / BEST).exists() else CHECKPOINT)
+    state = ckpt.load(path)
+    cfg = config_lib.build(state["config"])
+    if device:
+        cfg.train.device = device
+    cfg.maml.compile = False
+    learner = make_learner(cfg)
+    learner.load_state_dict(state["learner"])
+    return learner, cfg, {"checkpoint": path.name, "iteration": state["iteration"], "val_acc": state.get("val_acc")}
+
+
+def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = True) -> dict:
+    """Test accuracy (mean ± 95% CI) after 0..steps steps, per query protocol; writes eval.json/eval.md."""
+    run_dir = Path(run_dir)
+    saved = config_lib.build(_read_config(run_dir))
+    learner, cfg, source = load_learner(run_dir, saved.eval.checkpoint, device)
+    test_images = load_split(cfg, "test")
+    results = {
+        "source": source,
+        "eval": config_lib.to_dict(cfg)["eval"],
+        "resize": cfg.data.resize,
+        "dataset": cfg.data.dataset,
+        "n_way": cfg.task.n_way,
+        "k_shot": cfg.task.k_shot,
+        "protocols": {},
+    }
+    for protocol in cfg.eval.query:
+        q = cfg.task.k_shot if protocol == "paper" else MODERN_QUERY
+        tasks = make_tasks(cfg, test_images, q)
+        acc = accuracy_curve(
+            learner,
+            tasks,
+            cfg.eval.num_tasks,
+            cfg.eval.task_batch,
+            cfg.eval.steps,
+            _test_lr(cfg),
+            cfg.eval.seed,
+            cfg.train.device,
+        )
+        mean, ci = mean_ci(acc * 100)
+        results["protocols"][protocol] = {"query_per_class": q, "acc": mean.tolist(), "ci95": ci.tolist()}
+    (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    (run_dir / "eval.md").write_text(format_table(results))
+    return results
+
+
+def _read_config(run_dir: Path) -> dict:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory made by `mamlkit train`?")
+    return yaml.safe_load(path.read_text())
+
+
+def format_table(results: dict, steps_shown=(0, 1, 3, 5, 10)) -> str:
+    src = results["source"]
+    head = (
+        f"{results['dataset']} {results['n_way']}-way {results['k_shot']}-shot, {results['eval']['num_tasks']} test "
+        f"tasks, accuracy % (mean ± 95% CI); weights: {src['checkpoint']} (iteration {src['iteration']}"
+        + (f", validation accuracy {src['val_acc']:.3f}" if src.get("val_acc") is not None else "")
+        + f"); Omniglot resize: {results['resize']}.\n\n"
+    )
+    lines = [
+        "| query per class | " + " | ".join(f"{s} steps" for s in steps_shown) + " |",
+        "|---|" + "---|" * len(steps_shown),
+    ]
+    for protocol, r in results["protocols"].items():
+        n = len(r["acc"])
+        cells = [f"{r['acc'][min(s, n - 1)]:.2f} ± {r['ci95'][min(s, n - 1)]:.2f}" for s in steps_shown]
+        lines.append(f"| {r['query_per_class']} ({protocol}) | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(run_dir: str | Path) -> list[Path]:
+    """Learning curves (training loss, validation accuracy) and test accuracy against steps."""
+    import matplotlib.pyplot as plt
+
+    from .. import plots
+
+    run_dir = Path(run_dir)
+    out = [plots.training_curves({"meta-training loss": run_dir}, run_dir / "plots" / "training_loss.png")]
+    rows = [r for r in plots.read_metrics(run_dir / "metrics.csv") if "val_acc" in r]
+    if rows:
+        out.append(
+            plots.training_curves({"validation": run_dir}, run_dir / "plots" / "val_acc.png", key="val_acc", logy=False)
+        )
+    eval_path = run_dir / "eval.json"
+    if eval_path.exists():
+        results = json.loads(eval_path.read_text())
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        series = {f"{r['query_per_class']} query/class": (r["acc"], r["ci95"]) for r in results["protocols"].values()}
+        plots.steps_curves(ax, series, "test accuracy (%)")
+        ax.set_title(f"{results['dataset']} {results['n_way']}-way {results['k_shot']}-shot")
+        out.append(plots.save(fig, run_dir / "plots" / "accuracy_vs_steps.png"))
+    return out
