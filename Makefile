@@ -29,6 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
+	PYTHON=$(BIN)/python bash benchmarks/install_peers.sh
 	$(BIN)/python benchmarks/sinusoid_speed.py --write BENCHMARKS.md
 
 clean:

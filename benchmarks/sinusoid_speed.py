@@ -388,10 +388,9 @@ def main() -> None:
     parser.add_argument("--window-seconds", type=float, default=2.0, help="approximate length of one window")
     parser.add_argument("--warmup", type=int, default=20, help="warm-up iterations (compilation happens here)")
     parser.add_argument("--only", type=str, default="", help=f"comma-separated subset of {[i.key for i in IMPLS]}")
-    # One intra-op thread by default: a 1-40-40-1 net gains nothing from a second one (on 2 cores, 1 thread
-    # beside a background job matched or beat 2 threads on a quiet machine), while with any other load on
-    # the machine two threads stall each other and the windows scatter by 10x. 0 keeps torch's default.
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 = torch's default")
+    # torch's default thread count, as users run it. On a loaded machine two threads per process stall each
+    # other and the windows scatter by 10x: there, --threads 1 gives stable (and hardly slower) figures.
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch's default")
     parser.add_argument("--write", type=Path, default=None, help="Markdown file whose marked section to replace")
     parser.add_argument(
         "--warm-cache", action="store_true", help="reuse torch.compile's on-disk cache (default: compile from scratch)"
