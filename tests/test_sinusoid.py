@@ -169,3 +169,49 @@ def test_maml_learns_and_beats_pretrained(tmp_path):
     assert "| MAML | 10 |" in (tmp_path / "eval.md").read_text()
     for png in sinusoid.plot(tmp_path):
         assert png.stat().st_size > 10_000
+
+
+def test_cli_refuses_a_bad_config_before_anything_runs(tmp_path, capsys):
+    from mamlkit import cli
+
+    out = tmp_path / "run"
+    assert cli.main(["train", "sinusoid", "--out", str(out), "--set", "maml.inner_steps=-1"]) == 2
+    assert "maml.inner_steps: -1 out of range" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli.main(["presets"]) == 0
+    assert "omniglot-5way-1shot" in capsys.readouterr().out
+    assert cli.main(["eval", str(tmp_path / "nothing")]) == 2
+    assert "config.yaml not found" in capsys.readouterr().err
+
+
+def test_cli_train_refuses_to_overwrite_and_resumes(tmp_path, capsys):
+    from mamlkit import cli
+
+    out = str(tmp_path / "run")
+    args = [
+        "train",
+        "sinusoid",
+        "--out",
+        out,
+        "--quiet",
+        "--set",
+        "models=[maml]",
+        "--set",
+        "maml.compile=false",
+        "--set",
+        "train.iterations=20",
+        "--set",
+        "train.log_every=10",
+        "--set",
+        "train.checkpoint_every=10",
+    ]
+    assert cli.main(args) == 0
+    assert cli.main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert cli.main(args[:-2] + ["--set", "train.iterations=30", "--resume"]) == 0
+    with open(tmp_path / "run" / "maml" / "metrics.csv") as f:
+        assert [int(r["iteration"]) for r in csv.DictReader(f)] == [10, 20, 30]
+    # A refused second run leaves the first run's config as it was.
+    assert "iterations: 30" in (tmp_path / "run" / "config.yaml").read_text()
+    assert cli.main(args[:-2] + ["--set", "train.iterations=99"]) == 2
+    assert "iterations: 30" in (tmp_path / "run" / "config.yaml").read_text()

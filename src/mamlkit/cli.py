@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, RuntimeError, ValueError) as e:  # config, data and checkpoint problems
+    except (FileNotFoundError, FileExistsError, RuntimeError, ValueError) as e:  # config, data, run problems
         if os.environ.get("MAMLKIT_DEBUG"):
             raise
         print(f"mamlkit: error: {e}", file=sys.stderr)

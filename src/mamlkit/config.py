@@ -248,6 +248,17 @@ def dump(cfg, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def start_run(cfg, run_dir: Path, resume: bool) -> Path:
+    """Create ``run_dir`` and save the resolved config in it; refuse to reuse a run's directory
+    without ``resume`` (its config and checkpoints stay as they were)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "config.yaml").exists() and not resume:
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or --out for a new one")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
 def _from_dict(cls, raw: dict, prefix: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
@@ -311,3 +322,8 @@ def _check_value(key: str, value: Any, meta) -> Any:
                 rng = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
                 raise ConfigError(f"{key}: {v!r} out of range; allowed {rng}")
     return value
+
+
+from .rl.config import RLConfig  # noqa: E402  (imported last: rl.config builds on the classes above)
+
+EXPERIMENTS["rl"] = RLConfig

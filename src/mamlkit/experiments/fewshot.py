@@ -91,9 +91,7 @@ def _test_lr(cfg: FewShotConfig):
 
 
 def train(cfg: FewShotConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> bool:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.dump(cfg, run_dir / "config.yaml")
+    run_dir = config_lib.start_run(cfg, run_dir, resume)
     t = cfg.train
     torch.manual_seed(t.seed)
     learner = make_learner(cfg)

@@ -66,9 +66,7 @@ def make_sampler(cfg: SinusoidConfig, kind: str, tasks: SinusoidTasks):
 
 def train(cfg: SinusoidConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> bool:
     """Train every model in ``cfg.models`` into ``run_dir/<kind>/``; False if interrupted."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.dump(cfg, run_dir / "config.yaml")
+    run_dir = config_lib.start_run(cfg, run_dir, resume)
     for i, kind in enumerate(cfg.models):
         torch.manual_seed(cfg.train.seed + i)
         learner = make_learner(cfg, kind)

@@ -1,0 +1,85 @@
+"""The RL experiment's config (registered as ``experiment: rl`` in ``mamlkit.config``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import ConfigError, MAMLConfig, spec
+
+MODELS = ("maml", "pretrained", "oracle", "random")
+
+
+@dataclass
+class RLEnvConfig:
+    name: str = spec("navigation2d", choices=("navigation2d",), doc="task family")
+    horizon: int = spec(100, low=1, doc="steps per episode")
+    goal_range: list[float] = spec([-0.5, 0.5], doc="[low, high] of each goal coordinate")
+    max_action: float = spec(0.1, low=0.0, doc="actions are clipped to [-max_action, max_action]")
+    goal_tolerance: float = spec(0.01, low=0.0, doc="an episode ends this close (Euclidean) to the goal")
+
+
+@dataclass
+class RLPolicyConfig:
+    hidden: list[int] = spec([100, 100], doc="hidden layer widths of the ReLU Gaussian MLP")
+    init_log_std: float = spec(0.0, doc="initial state-independent log standard deviation (rllab: std 1)")
+
+
+@dataclass
+class RLAlgoConfig:
+    gamma: float = spec(0.99, low=0.0, high=1.0, doc="discount")
+    gae_lambda: float = spec(1.0, low=0.0, high=1.0, doc="GAE lambda (1 = Monte Carlo returns minus baseline)")
+    center_advantages: bool = spec(True, doc="normalise advantages per task to mean 0, std 1 (rllab center_adv)")
+    baseline_reg: float = spec(1e-5, low=0.0, doc="ridge coefficient of the linear feature baseline")
+    max_kl: float = spec(0.01, low=0.0, doc="TRPO bound on the mean KL(old || new) of the post-update policies")
+    cg_iters: int = spec(10, low=1, doc="conjugate gradient iterations")
+    cg_damping: float = spec(1e-5, low=0.0, doc="added to the KL Hessian-vector products (rllab reg_coeff)")
+    backtrack_ratio: float = spec(0.8, low=0.0, high=1.0, doc="line search step shrink factor")
+    max_backtracks: int = spec(15, low=1, doc="line search steps")
+
+
+@dataclass
+class RLTrainConfig:
+    iterations: int = spec(500, low=1, doc="meta-iterations (TRPO steps)")
+    meta_batch_size: int = spec(20, low=1, doc="tasks per meta-iteration")
+    trajectories: int = spec(20, low=1, doc="trajectories per task per gradient step")
+    checkpoint_every: int = spec(10, low=1, doc="iterations between checkpoints")
+    log_every: int = spec(1, low=1, doc="iterations between metric rows")
+    seed: int = spec(0, doc="seed of the initialisation, the task stream and the action noise")
+    device: str = spec("cpu", doc="torch device: cpu, cuda, ... or auto")
+    threads: int = spec(0, low=0, doc="torch.set_num_threads during training; 0 = leave torch's default")
+
+
+@dataclass
+class RLEvalConfig:
+    num_tasks: int = spec(40, low=1, doc="fixed test tasks")
+    steps: int = spec(3, low=0, doc="gradient steps at test (returns after 0..steps)")
+    trajectories: int = spec(20, low=1, doc="trajectories per task per gradient step")
+    inner_lrs: list[float] = spec([0.1, 0.05], doc="step sizes of steps 1, 2, ...; the last one repeats")
+    seed: int = spec(1000, doc="seed of the test tasks and of the action noise (shared by every model)")
+
+
+@dataclass
+class RLConfig:
+    experiment: str = spec("rl", choices=("rl",))
+    description: str = spec("", doc="one line shown by `mamlkit presets`")
+    models: list[str] = spec(["maml", "pretrained", "oracle", "random"], doc="which of " + ", ".join(MODELS))
+    env: RLEnvConfig = field(default_factory=RLEnvConfig)
+    policy: RLPolicyConfig = field(default_factory=RLPolicyConfig)
+    maml: MAMLConfig = field(default_factory=lambda: MAMLConfig(inner_lr=0.1, inner_steps=1, strategy="loop"))
+    algo: RLAlgoConfig = field(default_factory=RLAlgoConfig)
+    train: RLTrainConfig = field(default_factory=RLTrainConfig)
+    eval: RLEvalConfig = field(default_factory=RLEvalConfig)
+
+    def check(self) -> None:
+        unknown = set(self.models) - set(MODELS)
+        if unknown or not self.models:
+            raise ConfigError(f"models: {sorted(unknown) or 'empty'} not allowed; choose from {', '.join(MODELS)}")
+        lo, hi = self.env.goal_range if len(self.env.goal_range) == 2 else (1, 0)
+        if not lo <= hi:
+            raise ConfigError(f"env.goal_range: expected [low, high] with low <= high, got {self.env.goal_range}")
+        if self.maml.learn_inner_lr or self.maml.compile:
+            raise ConfigError("maml.learn_inner_lr and maml.compile are not supported by the RL experiment")
+        if self.maml.inner_steps < 1 and "maml" in self.models:
+            raise ConfigError("maml.inner_steps: MAML needs at least 1 inner step")
+        if not self.eval.inner_lrs or any(lr < 0 for lr in self.eval.inner_lrs):
+            raise ConfigError(f"eval.inner_lrs: expected non-negative step sizes, got {self.eval.inner_lrs}")

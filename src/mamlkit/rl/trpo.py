@@ -1,0 +1,126 @@
+"""TRPO meta-update through MAML's inner step (the paper's RL meta-optimiser).
+
+The objective is the importance-weighted surrogate of the post-update trajectories,
+``mean_i mean_t pi_{theta'_i(theta)}(a|s) / pi_old_i(a|s) * A'``, with ``theta'_i`` the
+adapted parameters as a function of the meta-parameters. The trust region bounds the mean
+``KL(pi_old_i || pi_{theta'_i(theta)})``. With ``inner_steps = 0`` it is plain TRPO (the
+pretrained and oracle baselines).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from ..engine import MAML
+from ..engine.functional import Params
+from .policy import kl, log_prob, masked_mean
+
+
+def conjugate_gradient(hvp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 10, tol: float = 1e-10) -> Tensor:
+    """Approximately solve ``H x = b`` for symmetric positive-definite ``H`` given ``x -> H x``."""
+    x = torch.zeros_like(b)
+    r, p = b.clone(), b.clone()
+    rr = r @ r
+    for _ in range(iters):
+        hp = hvp(p)
+        alpha = rr / (p @ hp)
+        x += alpha * p
+        r -= alpha * hp
+        rr_new = r @ r
+        if rr_new < tol:
+            break
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x
+
+
+@dataclass
+class TaskData:
+    """One task's samples for a meta-update: the pre-update batch the inner step adapts on
+    (``None`` without inner steps) and the post-update batch with its sampling distribution."""
+
+    pre_obs: Tensor | None
+    pre_targets: tuple[Tensor, Tensor, Tensor] | None
+    obs: Tensor
+    actions: Tensor
+    advantages: Tensor
+    mask: Tensor
+    old_mean: Tensor
+    old_log_std: Tensor
+
+
+class MetaTRPO:
+    """One TRPO step on ``maml``'s meta-parameters per call of ``step``."""
+
+    def __init__(
+        self,
+        maml: MAML,
+        *,
+        inner_lr: float,
+        inner_steps: int,
+        first_order: bool,
+        max_kl: float = 0.01,
+        cg_iters: int = 10,
+        cg_damping: float = 1e-5,
+        backtrack_ratio: float = 0.8,
+        max_backtracks: int = 15,
+    ):
+        self.maml = maml
+        self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
+        self.max_kl, self.cg_iters, self.cg_damping = max_kl, cg_iters, cg_damping
+        self.backtrack_ratio, self.max_backtracks = backtrack_ratio, max_backtracks
+
+    def adapt(self, data: TaskData, params: Params, create_graph: bool) -> Params:
+        if not self.inner_steps:
+            return params
+        return self.maml.adapt(
+            data.pre_obs, data.pre_targets, steps=self.inner_steps, lr=self.inner_lr, params=params,
+            create_graph=create_graph,
+        )  # fmt: skip
+
+    def objectives(self, tasks: list[TaskData], params: Params, create_graph: bool) -> tuple[Tensor, Tensor]:
+        """Mean surrogate and mean KL over tasks, as functions of the meta-parameters ``params``."""
+        surr, kls = [], []
+        for d in tasks:
+            mean, log_std = self.maml(d.obs, self.adapt(d, params, create_graph))
+            old_logp = log_prob(d.old_mean, d.old_log_std, d.actions)
+            ratio = torch.exp(log_prob(mean, log_std, d.actions) - old_logp)
+            surr.append(masked_mean(ratio * d.advantages, d.mask))
+            kls.append(masked_mean(kl((d.old_mean, d.old_log_std), (mean, log_std)), d.mask))
+        return torch.stack(surr).mean(), torch.stack(kls).mean()
+
+    def step(self, tasks: list[TaskData]) -> dict[str, float]:
+        """Natural gradient direction by conjugate gradient, scaled to the KL bound, then a
+        backtracking line search that needs a better surrogate and a KL within the bound."""
+        params = self.maml.params()
+        leaves = list(params.values())
+        surr, kl_value = self.objectives(tasks, params, create_graph=not self.first_order)
+        g = parameters_to_vector(torch.autograd.grad(surr, leaves, retain_graph=True))
+        grad_kl = parameters_to_vector(torch.autograd.grad(kl_value, leaves, create_graph=True))
+
+        def hvp(v: Tensor) -> Tensor:
+            hv = torch.autograd.grad(grad_kl @ v, leaves, retain_graph=True)
+            return parameters_to_vector(hv) + self.cg_damping * v
+
+        direction = conjugate_gradient(hvp, g, self.cg_iters)
+        shs = direction @ hvp(direction)
+        full_step = math.sqrt(2 * self.max_kl / (shs.item() + 1e-8)) * direction
+        old = parameters_to_vector(leaves).detach()
+        surr_before = surr.item()
+        stats = {"surrogate": surr_before, "grad_norm": g.norm().item()}
+        with torch.no_grad():
+            for k in range(self.max_backtracks):
+                vector_to_parameters(old + self.backtrack_ratio**k * full_step, leaves)
+                new_surr, new_kl = self.objectives(tasks, self.maml.params(), create_graph=False)
+                if new_surr.item() > surr_before and new_kl.item() <= self.max_kl and torch.isfinite(new_surr):
+                    stats.update(kl=new_kl.item(), improvement=new_surr.item() - surr_before, backtracks=k)
+                    return stats
+            vector_to_parameters(old, leaves)  # no acceptable step: keep the old parameters (rllab)
+        stats.update(kl=0.0, improvement=0.0, backtracks=self.max_backtracks)
+        return stats
