@@ -50,6 +50,12 @@ class TrainConfig:
     log_every: int = spec(100, low=1, doc="iterations between metric rows")
     seed: int = spec(0, doc="seed of the model's initialisation and of the task stream")
     device: str = spec("cpu", doc="torch device: cpu, cuda, cuda:1, ..., or auto (cuda when available)")
+    threads: int = spec(
+        0,
+        low=0,
+        doc="CPU threads for torch (0 = torch's default); 1 keeps tiny models fast "
+        "when other processes share the cores",
+    )
     validate_every: int = spec(0, low=0, doc="iterations between validations (0 = never)")
     val_tasks: int = spec(200, low=1, doc="validation tasks per validation")
     grad_clip: float | None = spec(None, low=0.0, doc="clip meta-gradients elementwise to [-c, c]")
@@ -249,13 +255,17 @@ def dump(cfg, path: Path) -> None:
 
 
 def start_run(cfg, run_dir: Path, resume: bool) -> Path:
-    """Create ``run_dir`` and save the resolved config in it; refuse to reuse a run's directory
-    without ``resume`` (its config and checkpoints stay as they were)."""
+    """Create ``run_dir``, save the resolved config in it and apply ``train.threads``; refuse to
+    reuse a run's directory without ``resume`` (its config and checkpoints stay as they were)."""
     run_dir = Path(run_dir)
     if (run_dir / "config.yaml").exists() and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or --out for a new one")
     run_dir.mkdir(parents=True, exist_ok=True)
     dump(cfg, run_dir / "config.yaml")
+    if cfg.train.threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
     return run_dir
 
 
