@@ -6,3 +6,19 @@ from importlib import import_module
 def get(name: str):
     """The experiment module for a config's ``experiment`` key."""
     return import_module(f"{__name__}.{name}")
+
+
+def build_maml(model, loss_fn, cfg, **overrides):
+    """``MAML`` with the options of a ``maml:`` config section (``overrides`` win)."""
+    from ..engine import MAML
+
+    options = dict(
+        inner_lr=cfg.inner_lr,
+        inner_steps=cfg.inner_steps,
+        first_order=cfg.first_order,
+        adapt=cfg.adapt,
+        learn_inner_lr=cfg.learn_inner_lr,
+        strategy=cfg.strategy,
+        compile=cfg.compile,
+    )
+    return MAML(model, loss_fn, **{**options, **overrides})

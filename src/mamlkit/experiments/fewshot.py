@@ -17,6 +17,7 @@ from ..tasks.fewshot import FewShotTasks
 from ..training import Trainer, mean_ci
 from ..training import checkpoint as ckpt
 from ..training.trainer import BEST, CHECKPOINT
+from . import build_maml
 
 MODERN_QUERY = 15
 
@@ -59,19 +60,8 @@ def make_model(cfg: FewShotConfig) -> nn.Module:
 
 
 def make_learner(cfg: FewShotConfig) -> MAML:
-    m = cfg.maml
-    model = make_model(cfg).to(cfg.train.device)
-    return MAML(
-        model,
-        F.cross_entropy,
-        inner_lr=m.inner_lr,
-        inner_steps=m.inner_steps,
-        first_order=m.first_order,
-        adapt=m.adapt if m.adapt is not None else ADAPT_ALL_BUT_NORM,
-        learn_inner_lr=m.learn_inner_lr,
-        strategy=m.strategy,
-        compile=m.compile,
-    )
+    adapt = cfg.maml.adapt if cfg.maml.adapt is not None else ADAPT_ALL_BUT_NORM
+    return build_maml(make_model(cfg).to(cfg.train.device), F.cross_entropy, cfg.maml, adapt=adapt)
 
 
 def accuracy_curve(learner: MAML, tasks: FewShotTasks, n_tasks: int, chunk: int, steps: int, lr, seed: int, device):

@@ -39,18 +39,29 @@ def make_learner(cfg: RLConfig, kind: str) -> MAML:
     m = cfg.maml
     steps = m.inner_steps if kind == "maml" else 0
     return MAML(
-        policy.to(cfg.train.device), reinforce_loss, inner_lr=m.inner_lr, inner_steps=steps,
-        first_order=m.first_order, adapt=m.adapt if steps else None, strategy="loop",
-    )  # fmt: skip
+        policy.to(cfg.train.device),
+        reinforce_loss,
+        inner_lr=m.inner_lr,
+        inner_steps=steps,
+        first_order=m.first_order,
+        adapt=m.adapt if steps else None,
+        strategy="loop",
+    )
 
 
 def make_trpo(cfg: RLConfig, learner: MAML) -> MetaTRPO:
     a = cfg.algo
     return MetaTRPO(
-        learner, inner_lr=cfg.maml.inner_lr, inner_steps=learner.inner_steps, first_order=cfg.maml.first_order,
-        max_kl=a.max_kl, cg_iters=a.cg_iters, cg_damping=a.cg_damping, backtrack_ratio=a.backtrack_ratio,
+        learner,
+        inner_lr=cfg.maml.inner_lr,
+        inner_steps=learner.inner_steps,
+        first_order=cfg.maml.first_order,
+        max_kl=a.max_kl,
+        cg_iters=a.cg_iters,
+        cg_damping=a.cg_damping,
+        backtrack_ratio=a.backtrack_ratio,
         max_backtracks=a.max_backtracks,
-    )  # fmt: skip
+    )
 
 
 def make_env(cfg: RLConfig, goals: torch.Tensor, kind: str, trajectories: int) -> NavigationBatch:
@@ -88,9 +99,15 @@ def collect(cfg: RLConfig, learner: MAML, kind: str, goals: torch.Tensor, g: tor
     info["return_post" if pre is not None else "return"] = post.returns().mean().item()
     tasks = [
         TaskData(
-            pre.obs[i] if pre is not None else None, targets[i] if pre is not None else None,
-            post.obs[i], post.actions[i], post_adv[i], post.mask[i], old_mean[i], old_log_std[i],
-        )  # fmt: skip
+            pre.obs[i] if pre is not None else None,
+            targets[i] if pre is not None else None,
+            post.obs[i],
+            post.actions[i],
+            post_adv[i],
+            post.mask[i],
+            old_mean[i],
+            old_log_std[i],
+        )
         for i in range(len(goals))
     ]
     return tasks, info
@@ -98,11 +115,7 @@ def collect(cfg: RLConfig, learner: MAML, kind: str, goals: torch.Tensor, g: tor
 
 def train(cfg: RLConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> bool:
     """Train every model in ``cfg.models`` into ``run_dir/<kind>/``; False if interrupted."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.dump(cfg, run_dir / "config.yaml")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    run_dir = config_lib.start_run(cfg, run_dir, resume)  # also applies train.threads
     for i, kind in enumerate(cfg.models):
         if not _train_one(cfg, run_dir / kind, kind, cfg.train.seed + i, resume, progress):
             return False
@@ -126,10 +139,15 @@ def _train_one(cfg: RLConfig, out: Path, kind: str, seed: int, resume: bool, pro
 
     def save() -> None:
         ckpt.save_atomic(
-            {"iteration": iteration, "learner": learner.state_dict(), "rng": ckpt.rng_state(g), "kind": kind,
-             "config": config_lib.to_dict(cfg)},
+            {
+                "iteration": iteration,
+                "learner": learner.state_dict(),
+                "rng": ckpt.rng_state(g),
+                "kind": kind,
+                "config": config_lib.to_dict(cfg),
+            },
             path,
-        )  # fmt: skip
+        )
 
     if iterations == 0:
         save()
@@ -212,7 +230,9 @@ def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = Tr
         goals = sample_goals(e.num_tasks, torch.Generator().manual_seed(e.seed), *cfg.env.goal_range)
         g = torch.Generator(cfg.train.device).manual_seed(e.seed + 1)
         t0 = time.perf_counter()
-        returns = adaptation_returns(cfg, learner, kind, goals.to(cfg.train.device), 0 if kind == "oracle" else e.steps, g)
+        returns = adaptation_returns(
+            cfg, learner, kind, goals.to(cfg.train.device), 0 if kind == "oracle" else e.steps, g
+        )
         mean, ci = mean_ci(returns.cpu())
         results["models"][kind] = {
             "iterations": iteration,

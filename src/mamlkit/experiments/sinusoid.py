@@ -15,6 +15,7 @@ from ..models import mlp, official_init_
 from ..tasks import SinusoidTasks
 from ..training import Trainer, mean_ci
 from ..training import checkpoint as ckpt
+from . import build_maml
 
 KINDS = ("maml", "pretrained", "oracle")
 LABELS = {"maml": "MAML", "pretrained": "pretrained", "oracle": "oracle"}
@@ -35,20 +36,9 @@ def make_learner(cfg: SinusoidConfig, kind: str) -> MAML:
     if cfg.model.init == "official":
         official_init_(model)
     model = model.to(cfg.train.device)
-    m = cfg.maml
     if kind == "maml":
-        return MAML(
-            model,
-            F.mse_loss,
-            inner_lr=m.inner_lr,
-            inner_steps=m.inner_steps,
-            first_order=m.first_order,
-            adapt=m.adapt,
-            learn_inner_lr=m.learn_inner_lr,
-            strategy=m.strategy,
-            compile=m.compile,
-        )
-    return MAML(model, F.mse_loss, inner_lr=m.inner_lr, inner_steps=0, strategy=m.strategy, compile=m.compile)
+        return build_maml(model, F.mse_loss, cfg.maml)
+    return build_maml(model, F.mse_loss, cfg.maml, inner_steps=0, first_order=False, adapt=None, learn_inner_lr=False)
 
 
 def make_sampler(cfg: SinusoidConfig, kind: str, tasks: SinusoidTasks):

@@ -80,9 +80,13 @@ class MetaTRPO:
         if not self.inner_steps:
             return params
         return self.maml.adapt(
-            data.pre_obs, data.pre_targets, steps=self.inner_steps, lr=self.inner_lr, params=params,
+            data.pre_obs,
+            data.pre_targets,
+            steps=self.inner_steps,
+            lr=self.inner_lr,
+            params=params,
             create_graph=create_graph,
-        )  # fmt: skip
+        )
 
     def objectives(self, tasks: list[TaskData], params: Params, create_graph: bool) -> tuple[Tensor, Tensor]:
         """Mean surrogate and mean KL over tasks, as functions of the meta-parameters ``params``."""
