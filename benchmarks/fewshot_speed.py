@@ -61,9 +61,17 @@ def time_preset(preset: str, strategy: str, compile: bool, device: str, windows:
         rates.append(per_window / (time.perf_counter() - t0))
     its = statistics.median(rates)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return {"preset": preset, "strategy": strategy + (" + compile" if compile else ""), "its": its,
-            "spread": (min(rates), max(rates)), "warmup": warmup, "full_run_h": cfg.train.iterations / its / 3600,
-            "peak_gb": peak, "batch": cfg.train.meta_batch_size, "steps": cfg.maml.inner_steps}
+    return {
+        "preset": preset,
+        "strategy": strategy + (" + compile" if compile else ""),
+        "its": its,
+        "spread": (min(rates), max(rates)),
+        "warmup": warmup,
+        "full_run_h": cfg.train.iterations / its / 3600,
+        "peak_gb": peak,
+        "batch": cfg.train.meta_batch_size,
+        "steps": cfg.maml.inner_steps,
+    }
 
 
 def auto_choice(preset: str, device: str) -> str:
@@ -76,13 +84,18 @@ def auto_choice(preset: str, device: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| preset | meta-batch, inner steps | strategy | it/s (median) | min – max | warm-up (s) | "
-             "60,000 iterations | peak GPU memory |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| preset | meta-batch, inner steps | strategy | it/s (median) | min – max | warm-up (s) | "
+        "60,000 iterations | peak GPU memory |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         peak = f"{r['peak_gb']:.1f} GiB" if r["peak_gb"] is not None else "–"
-        lines.append(f"| {r['preset']} | {r['batch']}, {r['steps']} | {r['strategy']} | {r['its']:.2f} | "
-                     f"{r['spread'][0]:.2f} – {r['spread'][1]:.2f} | {r['warmup']:.1f} | "
-                     f"{r['full_run_h']:.1f} h | {peak} |")
+        lines.append(
+            f"| {r['preset']} | {r['batch']}, {r['steps']} | {r['strategy']} | {r['its']:.2f} | "
+            f"{r['spread'][0]:.2f} – {r['spread'][1]:.2f} | {r['warmup']:.1f} | "
+            f"{r['full_run_h']:.1f} h | {peak} |"
+        )
     return "\n".join(lines)
 
 
@@ -108,30 +121,45 @@ def main() -> None:
         choices.append(auto_choice(preset, args.device))
         print(choices[-1], flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu()
-    text = "\n".join([
-        START, "### Few-shot classification meta-training speed", "",
-        "The paper's presets (second order, real Omniglot tasks sampled on the device, Adam step), one "
-        "meta-iteration = sample + meta-forward + backward + optimiser step; median of "
-        f"{args.windows} windows of {args.per_window} iterations after 2 warm-up iterations.", "",
-        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {device}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"Python {platform.python_version()}",
-        f"- command: `python benchmarks/fewshot_speed.py {' '.join(_argv())}`", "",
-        table(rows), "", *[f"- {c}" for c in choices], END,
-    ])
+    text = "\n".join(
+        [
+            START,
+            "### Few-shot classification meta-training speed",
+            "",
+            "The paper's presets (second order, real Omniglot tasks sampled on the device, Adam step), one "
+            "meta-iteration = sample + meta-forward + backward + optimiser step; median of "
+            f"{args.windows} windows of {args.per_window} iterations after 2 warm-up iterations.",
+            "",
+            f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+            f"- machine: {device}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}",
+            f"- command: `python benchmarks/fewshot_speed.py {' '.join(_argv())}`",
+            "",
+            table(rows),
+            "",
+            *[f"- {c}" for c in choices],
+            END,
+        ]
+    )
     print(text)
     if args.write:
         old = args.write.read_text() if args.write.exists() else ""
         if START in old and END in old:
-            new = old[: old.index(START)] + text + old[old.index(END) + len(END):]
+            new = old[: old.index(START)] + text + old[old.index(END) + len(END) :]
         else:
             new = old.rstrip() + "\n\n" + text + "\n"
         args.write.write_text(new)
 
 
 def _cpu() -> str:
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor())
+    model = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return f"{model}, {os.cpu_count()} cores"
 
 

@@ -105,6 +105,7 @@ def test_omniglot_5way_1shot_learns_end_to_end(tmp_path, capsys):
     run = tmp_path / "omni"
     sets = [
         "train.iterations=200",
+        "train.threads=1",  # robust when CI's two cores are shared
         "train.meta_batch_size=4",
         "train.log_every=50",
         "train.validate_every=100",

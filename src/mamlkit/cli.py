@@ -87,6 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
+    except ModuleNotFoundError as e:
+        if e.name not in ("gymnasium", "mujoco"):
+            raise
+        print(
+            f"mamlkit: error: {e.name} is not installed; the RL experiments need `pip install 'mamlkit[rl]'` "
+            "(`'mamlkit[mujoco]'` for the MuJoCo tasks)",
+            file=sys.stderr,
+        )
+        return 2
     except (FileNotFoundError, FileExistsError, RuntimeError, ValueError) as e:  # config, data, run problems
         if os.environ.get("MAMLKIT_DEBUG"):
             raise

@@ -18,9 +18,9 @@ from .. import config as config_lib
 from ..engine import MAML
 from ..engine.functional import Params, detach
 from ..rl.config import RLConfig
-from ..rl.navigation import NavigationBatch, sample_goals
 from ..rl.policy import GaussianMLPPolicy, reinforce_loss
-from ..rl.sampler import advantages, policy_fn, rollout
+from ..rl.sampler import advantages, policy_fn
+from ..rl.tasks import make_tasks
 from ..rl.trpo import MetaTRPO, TaskData
 from ..training import RunExistsError, mean_ci
 from ..training import checkpoint as ckpt
@@ -29,13 +29,40 @@ from ..training.trainer import _stop_requests
 
 KINDS = ("maml", "pretrained", "random", "oracle")
 LABELS = {"maml": "MAML", "pretrained": "pretrained", "random": "random init", "oracle": "oracle"}
-# Mean return over 40 test tasks after 0/1/2/3 steps (cbfinn/maml_rl result files; PAPER.md).
-PAPER = {"maml": [-40.4, -11.7, -3.33, -3.23], "random": [-82.7, -58.0, -53.8, -46.8], "oracle": [-2.29]}
+# Mean return over 40 test tasks after 0/1/2/3 steps (cbfinn/maml_rl result files; PAPER.md); None = not given.
+PAPER = {
+    "navigation2d": {"maml": [-40.4, -11.7, -3.33, -3.23], "random": [-82.7, -58.0, -53.8, -46.8], "oracle": [-2.29]},
+    "halfcheetah_vel": {
+        "maml": [-129.5, -78.6, -66.6, -60.8],
+        "pretrained": [-158.0, -135.4, -128.5, -133.6],
+        "random": [-254.8, None, None, -230.8],
+        "oracle": [-54.5],
+    },
+    "halfcheetah_dir": {
+        "maml": [-50.7, 293.2, 313.5, 315.7],
+        "pretrained": [-43.0, -24.8, -12.9, 19.6],
+        "random": [-35.7, None, None, 86.2],
+        "oracle": [442.7],
+    },
+    "ant_vel": {
+        "maml": [30.6, 96.7, 100.1, 101.4],
+        "pretrained": [-1.8, 6.1, 8.5, 9.5],
+        "random": [-78.6, None, None, -35.6],
+        "oracle": [107.9],
+    },
+    "ant_dir": {
+        "maml": [8.7, 499.2, 500.7, 499.1],
+        "pretrained": [3.2, 1.3, 6.5, 6.9],
+        "random": [3.1, None, None, 26.1],
+        "oracle": [524.8],
+    },
+}
 
 
-def make_learner(cfg: RLConfig, kind: str) -> MAML:
+def make_learner(cfg: RLConfig, kind: str, tasks=None) -> MAML:
     """The Gaussian policy inside ``MAML`` (no inner step for the baselines)."""
-    policy = GaussianMLPPolicy(4 if kind == "oracle" else 2, 2, cfg.policy.hidden, cfg.policy.init_log_std)
+    tasks = tasks or make_tasks(cfg.env, oracle=kind == "oracle")
+    policy = GaussianMLPPolicy(tasks.obs_dim, tasks.act_dim, cfg.policy.hidden, cfg.policy.init_log_std)
     m = cfg.maml
     steps = m.inner_steps if kind == "maml" else 0
     return MAML(
@@ -64,25 +91,20 @@ def make_trpo(cfg: RLConfig, learner: MAML) -> MetaTRPO:
     )
 
 
-def make_env(cfg: RLConfig, goals: torch.Tensor, kind: str, trajectories: int) -> NavigationBatch:
-    e = cfg.env
-    return NavigationBatch(goals, trajectories, e.max_action, e.goal_tolerance, oracle=kind == "oracle")
-
-
 def _advantages(cfg: RLConfig, episodes) -> torch.Tensor:
     a = cfg.algo
     return advantages(episodes, a.gamma, a.gae_lambda, a.center_advantages, a.baseline_reg)
 
 
-def collect(cfg: RLConfig, learner: MAML, kind: str, goals: torch.Tensor, g: torch.Generator):
+def collect(cfg: RLConfig, learner: MAML, family, goals: torch.Tensor, g: torch.Generator):
     """Sample a meta-batch: pre-update trajectories, the inner step on each task, post-update
     trajectories. Returns the ``TaskData`` for TRPO and the mean returns."""
-    env = make_env(cfg, goals, kind, cfg.train.trajectories)
+    n = cfg.train.trajectories
     theta = detach(learner.params())
     info = {}
     pre = None
     if learner.inner_steps:
-        pre = rollout(policy_fn(learner.fmodel, theta), env, cfg.env.horizon, g)
+        pre = family.rollout(learner.fmodel, theta, goals, n, g)
         pre_adv = _advantages(cfg, pre)
         targets = [(pre.actions[i], pre_adv[i], pre.mask[i]) for i in range(len(goals))]
         adapted = [
@@ -92,7 +114,7 @@ def collect(cfg: RLConfig, learner: MAML, kind: str, goals: torch.Tensor, g: tor
         info["return_pre"] = pre.returns().mean().item()
     else:
         adapted = [theta] * len(goals)
-    post = rollout(policy_fn(learner.fmodel, adapted), env, cfg.env.horizon, g)
+    post = family.rollout(learner.fmodel, adapted, goals, n, g)
     post_adv = _advantages(cfg, post)
     with torch.no_grad():
         old_mean, old_log_std = policy_fn(learner.fmodel, adapted)(post.obs)
@@ -124,7 +146,8 @@ def train(cfg: RLConfig, run_dir: str | Path, resume: bool = False, progress: bo
 
 def _train_one(cfg: RLConfig, out: Path, kind: str, seed: int, resume: bool, progress: bool) -> bool:
     torch.manual_seed(seed)
-    learner = make_learner(cfg, kind)
+    family = make_tasks(cfg.env, oracle=kind == "oracle")
+    learner = make_learner(cfg, kind, family)
     g = torch.Generator(cfg.train.device).manual_seed(seed + 100)
     path = out / "checkpoint.pt"
     iterations = 0 if kind == "random" else cfg.train.iterations
@@ -159,8 +182,8 @@ def _train_one(cfg: RLConfig, out: Path, kind: str, seed: int, resume: bool, pro
         with _stop_requests() as stop:
             while iteration < iterations:
                 t0 = time.perf_counter()
-                goals = sample_goals(cfg.train.meta_batch_size, g, *cfg.env.goal_range).to(cfg.train.device)
-                tasks, info = collect(cfg, learner, kind, goals, g)
+                goals = family.sample(cfg.train.meta_batch_size, g).to(cfg.train.device)
+                tasks, info = collect(cfg, learner, family, goals, g)
                 t1 = time.perf_counter()
                 stats = trpo.step(tasks)
                 iteration += 1
@@ -181,27 +204,26 @@ def _train_one(cfg: RLConfig, out: Path, kind: str, seed: int, resume: bool, pro
     return True
 
 
-def load_learner(run_dir: str | Path, kind: str, device: str | None = None) -> tuple[MAML, RLConfig, int]:
+def load_learner(run_dir: str | Path, kind: str, device: str | None = None, tasks=None) -> tuple[MAML, RLConfig, int]:
     state = ckpt.load(Path(run_dir) / kind / "checkpoint.pt")
     cfg = config_lib.build(state["config"])
     if device:
         cfg.train.device = device
-    learner = make_learner(cfg, kind)
+    learner = make_learner(cfg, kind, tasks)
     learner.load_state_dict(state["learner"])
     return learner, cfg, state["iteration"]
 
 
 def adaptation_returns(
-    cfg: RLConfig, learner: MAML, kind: str, goals: torch.Tensor, steps: int, g: torch.Generator
+    cfg: RLConfig, learner: MAML, family, goals: torch.Tensor, steps: int, g: torch.Generator
 ) -> torch.Tensor:
     """Mean return per task ``[tasks, steps + 1]`` after 0..``steps`` REINFORCE steps, each on
     ``eval.trajectories`` fresh trajectories of the current policy (step sizes ``eval.inner_lrs``)."""
-    env = make_env(cfg, goals, kind, cfg.eval.trajectories)
     lrs = cfg.eval.inner_lrs
     params: list[Params] = [detach(learner.params())] * len(goals)
     out = []
     for s in range(steps + 1):
-        ep = rollout(policy_fn(learner.fmodel, params), env, cfg.env.horizon, g)
+        ep = family.rollout(learner.fmodel, params, goals, cfg.eval.trajectories, g)
         out.append(ep.returns().mean(1))
         if s == steps:
             break
@@ -221,18 +243,21 @@ def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = Tr
     kinds = [k for k in KINDS if (run_dir / k / "checkpoint.pt").exists()]
     if not kinds:
         raise FileNotFoundError(f"{run_dir} holds no checkpoint (expected {run_dir}/maml/checkpoint.pt); train first")
-    results: dict = {"models": {}, "paper": PAPER}
+    results: dict = {"models": {}}
     for kind in tqdm(kinds, desc="eval", disable=not progress):
-        learner, cfg, iteration = load_learner(run_dir, kind, device)
+        cfg = config_lib.build(ckpt.load(run_dir / kind / "checkpoint.pt")["config"])
+        family = make_tasks(cfg.env, oracle=kind == "oracle")
+        learner, cfg, iteration = load_learner(run_dir, kind, device, family)
         e = cfg.eval
         results["eval"] = config_lib.to_dict(cfg)["eval"]
-        # The same test goals and the same action noise stream for every model.
-        goals = sample_goals(e.num_tasks, torch.Generator().manual_seed(e.seed), *cfg.env.goal_range)
+        results["env"] = cfg.env.name
+        results["paper"] = PAPER[cfg.env.name]
+        # The same test tasks and the same action noise stream for every model.
+        goals = family.sample(e.num_tasks, torch.Generator().manual_seed(e.seed))
         g = torch.Generator(cfg.train.device).manual_seed(e.seed + 1)
         t0 = time.perf_counter()
-        returns = adaptation_returns(
-            cfg, learner, kind, goals.to(cfg.train.device), 0 if kind == "oracle" else e.steps, g
-        )
+        steps = 0 if kind == "oracle" else e.steps
+        returns = adaptation_returns(cfg, learner, family, goals.to(cfg.train.device), steps, g)
         mean, ci = mean_ci(returns.cpu())
         results["models"][kind] = {
             "iterations": iteration,
@@ -263,7 +288,7 @@ def format_table(results: dict) -> str:
         cells = [f"{r:.2f} ± {c:.2f}" for r, c in zip(m["returns"], m["ci95"])] + [""] * (steps - len(m["returns"]))
         lines.append(f"| {LABELS[kind]} | {m['iterations']} | " + " | ".join(cells) + " |")
     for kind, ref in results.get("paper", {}).items():
-        cells = [f"{r:g}" for r in ref[:steps]] + [""] * (steps - len(ref[:steps]))
+        cells = ["–" if r is None else f"{r:g}" for r in ref[:steps]] + [""] * (steps - len(ref[:steps]))
         lines.append(f"| paper: {LABELS[kind]} | 500 (max) | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
@@ -281,7 +306,7 @@ def plot(run_dir: str | Path) -> list[Path]:
     models = json.loads(eval_path.read_text())["models"]
     fig, ax = plt.subplots(figsize=(5, 4))
     plots.steps_curves(ax, {LABELS[k]: (m["returns"], m["ci95"]) for k, m in models.items()}, "average return")
-    ax.set_title("2D navigation")
+    ax.set_title(json.loads(eval_path.read_text()).get("env", "navigation2d"))
     out = [plots.save(fig, run_dir / "plots" / "return_vs_steps.png")]
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind in models:

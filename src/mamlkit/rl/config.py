@@ -11,11 +11,22 @@ MODELS = ("maml", "pretrained", "oracle", "random")
 
 @dataclass
 class RLEnvConfig:
-    name: str = spec("navigation2d", choices=("navigation2d",), doc="task family")
-    horizon: int = spec(100, low=1, doc="steps per episode")
-    goal_range: list[float] = spec([-0.5, 0.5], doc="[low, high] of each goal coordinate")
-    max_action: float = spec(0.1, low=0.0, doc="actions are clipped to [-max_action, max_action]")
-    goal_tolerance: float = spec(0.01, low=0.0, doc="an episode ends this close (Euclidean) to the goal")
+    name: str = spec(
+        "navigation2d",
+        choices=("navigation2d", "halfcheetah_vel", "halfcheetah_dir", "ant_vel", "ant_dir"),
+        doc="task family",
+    )
+    horizon: int = spec(100, low=1, doc="steps per episode (paper: 100 navigation, 200 MuJoCo)")
+    goal_range: list[float] = spec([-0.5, 0.5], doc="navigation: [low, high] of each goal coordinate")
+    max_action: float = spec(0.1, low=0.0, doc="navigation: actions are clipped to [-max_action, max_action]")
+    goal_tolerance: float = spec(0.01, low=0.0, doc="navigation: an episode ends this close (Euclidean) to the goal")
+    normalize_actions: bool = spec(
+        True,
+        doc="navigation: the policy acts in [-1, 1], scaled by max_action then clipped (rllab's normalize(), "
+        "as in cbfinn/maml_rl's point env); false = its action is clipped directly to +-max_action",
+    )
+    num_envs: int = spec(8, low=1, doc="MuJoCo: environment copies stepped together (gymnasium vector API)")
+    asynchronous: bool = spec(False, doc="MuJoCo: step the copies in worker processes (AsyncVectorEnv)")
 
 
 @dataclass

@@ -12,12 +12,15 @@ import torch
 from torch import Tensor
 
 
-def step(position: Tensor, goal: Tensor, action: Tensor, max_action: float = 0.1, tolerance: float = 0.01):
-    """One step: clip the action, move, reward = -distance to the goal, done within ``tolerance``.
+def step(
+    position: Tensor, goal: Tensor, action: Tensor, max_action: float = 0.1, tolerance: float = 0.01, scale: float = 1.0
+):
+    """One step: scale and clip the action, move, reward = -distance to the goal, done within ``tolerance``.
 
-    Returns ``(new_position, reward, done)``; shapes ``[..., 2]``, ``[...]``, ``[...]``.
+    ``scale = max_action`` is rllab's ``normalize`` wrapper (the policy acts in [-1, 1]), which the
+    official point environment ran under. Returns ``(new_position, reward, done)``.
     """
-    position = position + action.clamp(-max_action, max_action)
+    position = position + (scale * action).clamp(-max_action, max_action)
     distance = torch.linalg.vector_norm(position - goal, dim=-1)
     return position, -distance, distance < tolerance
 
@@ -36,14 +39,18 @@ class Navigation2DEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, goal_range=(-0.5, 0.5), max_action: float = 0.1, tolerance: float = 0.01, oracle=False):
+    def __init__(
+        self, goal_range=(-0.5, 0.5), max_action: float = 0.1, tolerance: float = 0.01, oracle=False, normalized=False
+    ):
         self.goal_range = tuple(goal_range)
         self.max_action = max_action
         self.tolerance = tolerance
         self.oracle = oracle
+        self.scale = max_action if normalized else 1.0
         dim = 4 if oracle else 2
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float32)
-        self.action_space = gym.spaces.Box(-max_action, max_action, (2,), np.float32)
+        bound = 1.0 if normalized else max_action
+        self.action_space = gym.spaces.Box(-bound, bound, (2,), np.float32)
         self._goal = torch.zeros(2)
         self._position = torch.zeros(2)
 
@@ -69,7 +76,9 @@ class Navigation2DEnv(gym.Env):
 
     def step(self, action):
         action = torch.as_tensor(np.asarray(action, np.float32))
-        self._position, reward, done = step(self._position, self._goal, action, self.max_action, self.tolerance)
+        self._position, reward, done = step(
+            self._position, self._goal, action, self.max_action, self.tolerance, self.scale
+        )
         return self._obs(), float(reward), bool(done), False, {"goal": self._goal.numpy().copy()}
 
 
@@ -77,10 +86,16 @@ class NavigationBatch:
     """Tasks × trajectories of navigation stepped together in torch (what the sampler trains on)."""
 
     def __init__(
-        self, goals: Tensor, trajectories: int, max_action: float = 0.1, tolerance: float = 0.01, oracle=False
+        self,
+        goals: Tensor,
+        trajectories: int,
+        max_action: float = 0.1,
+        tolerance: float = 0.01,
+        oracle=False,
+        action_scale: float = 1.0,
     ):
         self.goals = goals[:, None, :].expand(-1, trajectories, -1)
-        self.max_action, self.tolerance, self.oracle = max_action, tolerance, oracle
+        self.max_action, self.tolerance, self.oracle, self.action_scale = max_action, tolerance, oracle, action_scale
         self.position = torch.zeros_like(self.goals)
 
     @property
@@ -96,5 +111,7 @@ class NavigationBatch:
 
     def step(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``action [tasks, trajectories, 2]`` -> ``(obs, reward [tasks, trajectories], done)``."""
-        self.position, reward, done = step(self.position, self.goals, action, self.max_action, self.tolerance)
+        self.position, reward, done = step(
+            self.position, self.goals, action, self.max_action, self.tolerance, self.action_scale
+        )
         return self.observe(), reward, done

@@ -1,0 +1,123 @@
+"""MuJoCo task families of the paper (Section 5.3) on gymnasium's HalfCheetah-v5 and Ant-v5.
+
+Each environment has the task API (``sample_tasks(n, rng)``, ``set_task``, ``get_task`` and a
+``task`` attribute that vector environments can set per sub-environment with ``set_attr``).
+Rewards replace gymnasium's forward reward and keep its other terms:
+
+- HalfCheetahVel: ``-|v_x - goal| - 0.05 ||a||²``, goal ~ U[0, 2]
+- HalfCheetahDir: ``d * v_x - 0.05 ||a||²``, d = ±1 with equal probability
+- AntVel: ``-|v_x - goal| + 0.05 - 0.005 ||a||² - 0.0005 ||clip(cfrc_ext, -1, 1)||²``, goal ~ U[0, 3]
+- AntDir: ``d * v_x`` plus the same survival bonus and costs
+
+The ant's weights are rllab's (used by cbfinn/maml_rl): survival 0.05 and control 0.5 · 1e-2,
+not gymnasium's defaults (1.0 and 0.5); its contact weight (5e-4) is gymnasium's too.
+
+The ant episode ends when the torso height leaves [0.2, 1.0] (Ant-v5's default healthy range).
+Gymnasium's observations and contact model differ from rllab's (see PAPER.md): returns are
+comparable with the paper in shape and ordering, not to the decimal.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gymnasium.envs.mujoco.ant_v5 import AntEnv
+from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+
+CHEETAH_CTRL = 0.05  # the paper's 0.05 ||a||² (rllab: 0.5 * 0.1)
+
+
+class _TaskMixin:
+    """The task API over a single scalar task parameter stored in ``self._task``."""
+
+    key = "goal"
+
+    def _sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+    def sample_tasks(self, n: int, rng: np.random.Generator | None = None) -> list[dict]:
+        rng = rng if rng is not None else self.np_random
+        return [{self.key: float(v)} for v in self._sample(n, rng)]
+
+    def set_task(self, task: dict) -> None:
+        self._task = float(task[self.key])
+
+    def get_task(self) -> dict:
+        return {self.key: self._task}
+
+    @property
+    def task(self) -> dict:
+        return self.get_task()
+
+    @task.setter
+    def task(self, task: dict) -> None:
+        self.set_task(task)
+
+
+class _Velocity(_TaskMixin):
+    key = "velocity"
+    high = 2.0
+
+    def _sample(self, n, rng):
+        return rng.uniform(0.0, self.high, size=n)
+
+    def forward_reward(self, v: float) -> float:
+        return -abs(v - self._task)
+
+
+class _Direction(_TaskMixin):
+    key = "direction"
+
+    def _sample(self, n, rng):
+        return rng.choice([-1.0, 1.0], size=n)
+
+    def forward_reward(self, v: float) -> float:
+        return self._task * v
+
+
+class _Cheetah(HalfCheetahEnv):
+    def __init__(self, task: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self._task = 0.0
+        if task is not None:
+            self.set_task(task)
+
+    def step(self, action):
+        obs, _, terminated, truncated, info = super().step(action)
+        ctrl = CHEETAH_CTRL * float(np.square(action).sum())
+        reward = self.forward_reward(info["x_velocity"]) - ctrl
+        info.update(reward_forward=reward + ctrl, reward_ctrl=-ctrl, task=self.get_task())
+        return obs, reward, terminated, truncated, info
+
+
+class _Ant(AntEnv):
+    def __init__(self, task: dict | None = None, **kwargs):
+        kwargs = {"ctrl_cost_weight": 0.005, "healthy_reward": 0.05, "contact_cost_weight": 5e-4, **kwargs}
+        super().__init__(**kwargs)
+        self._task = 0.0
+        if task is not None:
+            self.set_task(task)
+
+    def step(self, action):
+        obs, _, terminated, truncated, info = super().step(action)
+        forward = self.forward_reward(info["x_velocity"])
+        reward = forward + info["reward_survive"] + info["reward_ctrl"] + info["reward_contact"]
+        info.update(reward_forward=forward, task=self.get_task())
+        return obs, reward, terminated, truncated, info
+
+
+class HalfCheetahVelEnv(_Velocity, _Cheetah):
+    """Half-cheetah running at a goal velocity ~ U[0, 2]."""
+
+
+class HalfCheetahDirEnv(_Direction, _Cheetah):
+    """Half-cheetah running forward (+1) or backward (-1)."""
+
+
+class AntVelEnv(_Velocity, _Ant):
+    """Ant running at a goal velocity ~ U[0, 3]."""
+
+    high = 3.0
+
+
+class AntDirEnv(_Direction, _Ant):
+    """Ant running forward (+1) or backward (-1)."""

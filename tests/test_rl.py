@@ -1,0 +1,260 @@
+"""RL: navigation dynamics, returns/GAE, the linear baseline, conjugate gradient, TRPO through the
+inner step (KL bound, Hessian-vector products, meta-gradient) and the experiment end to end."""
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from mamlkit import cli, config
+from mamlkit.engine import MAML
+from mamlkit.rl import envs
+from mamlkit.rl.baseline import discounted_returns, features, fit_linear_baseline, gae
+from mamlkit.rl.navigation import Navigation2DEnv, NavigationBatch, sample_goals
+from mamlkit.rl.policy import GaussianMLPPolicy, kl, log_prob, reinforce_loss
+from mamlkit.rl.sampler import advantages, policy_fn, rollout
+from mamlkit.rl.trpo import MetaTRPO, TaskData, conjugate_gradient
+
+# -- environment ------------------------------------------------------------------------------
+
+
+def test_navigation_clips_rewards_and_terminates():
+    env = gym.make(envs.NAVIGATION)
+    env.unwrapped.set_task({"goal": np.array([0.25, 0.0], np.float32)})
+    obs, _ = env.reset(seed=0)
+    assert np.allclose(obs, 0)
+    obs, reward, terminated, truncated, _ = env.step(np.array([5.0, -5.0]))  # clipped to +-0.1
+    assert np.allclose(obs, [0.1, -0.1])
+    assert reward == pytest.approx(-np.hypot(0.15, 0.1), rel=1e-6)
+    assert not terminated and not truncated
+    env.step(np.array([0.1, 0.1]))
+    obs, reward, terminated, _, _ = env.step(np.array([0.045, 0.0]))  # 0.005 from the goal
+    assert np.allclose(obs, [0.245, 0.0], atol=1e-6)
+    assert reward == pytest.approx(-0.005, abs=1e-6) and terminated
+
+
+def test_navigation_time_limit_and_task_api():
+    env = gym.make(envs.NAVIGATION)
+    tasks = env.unwrapped.sample_tasks(50, np.random.default_rng(0))
+    goals = np.stack([t["goal"] for t in tasks])
+    assert goals.shape == (50, 2) and goals.min() >= -0.5 and goals.max() <= 0.5
+    env.unwrapped.set_task(tasks[0])
+    assert np.array_equal(env.unwrapped.get_task()["goal"], tasks[0]["goal"])
+    env.reset(seed=0)
+    for _ in range(100):
+        _, _, terminated, truncated, _ = env.step(np.zeros(2))
+        assert not terminated
+    assert truncated  # horizon 100
+
+
+def test_normalized_actions_scale_then_clip():
+    """rllab's normalize(): the policy acts in [-1, 1], the env moves by max_action times that, clipped."""
+    env = NavigationBatch(torch.tensor([[0.3, 0.3]]), 1, action_scale=0.1)
+    env.reset()
+    obs, _, _ = env.step(torch.tensor([[[0.5, -3.0]]]))
+    assert torch.allclose(obs, torch.tensor([[[0.05, -0.1]]]))
+    gym_env = gym.make(envs.NAVIGATION, normalized=True)
+    assert gym_env.action_space.high.tolist() == [1.0, 1.0]
+    gym_env.unwrapped.set_task({"goal": np.array([0.3, 0.3], np.float32)})
+    gym_env.reset(seed=0)
+    assert np.allclose(gym_env.step(np.array([0.5, -3.0]))[0], [0.05, -0.1])
+
+
+def test_batched_navigation_matches_the_gymnasium_env():
+    goals = sample_goals(3, torch.Generator().manual_seed(0))
+    batch = NavigationBatch(goals, 2)
+    batch.reset()
+    actions = torch.randn(5, 3, 2, 2, generator=torch.Generator().manual_seed(1)) * 0.2
+    single = Navigation2DEnv()
+    single.set_task({"goal": goals[1].numpy()})
+    single.reset()
+    for a in actions:
+        obs, reward, _ = batch.step(a)
+        o, r, *_ = single.step(a[1, 0].numpy())
+        assert np.allclose(obs[1, 0].numpy(), o, atol=1e-6) and r == pytest.approx(reward[1, 0].item(), abs=1e-6)
+
+
+def test_rollout_masks_after_termination():
+    goals = torch.tensor([[0.05, 0.0]])
+    env = NavigationBatch(goals, 1)
+    toward_goal = lambda obs: (torch.tensor([0.05, 0.0]).expand_as(obs), torch.full_like(obs, -30.0))  # noqa: E731
+    ep = rollout(toward_goal, env, 5, torch.Generator().manual_seed(0))
+    assert ep.mask[0, 0].tolist() == [1, 0, 0, 0, 0]  # at the goal after one step
+    assert ep.returns()[0, 0].item() == pytest.approx(0.0, abs=1e-5)
+
+
+# -- returns, advantages, baseline ---------------------------------------------------------------
+
+
+def test_discounted_returns_and_gae_by_hand():
+    r = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # ended after the third step
+    g = 0.5
+    assert discounted_returns(r, m, g).tolist() == [[1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3.0, 0.0]]
+    v = torch.tensor([[0.5, 1.0, 2.0, 9.0]])
+    d = [1 + g * 1.0 - 0.5, 2 + g * 2.0 - 1.0, 3 + 0.0 - 2.0]  # V after the last valid step is 0
+    lam = 0.8
+    want = [d[0] + g * lam * d[1] + (g * lam) ** 2 * d[2], d[1] + g * lam * d[2], d[2], 0.0]
+    assert torch.allclose(gae(r, v, m, g, lam), torch.tensor([want]))
+    # lambda = 1: returns minus the baseline
+    assert torch.allclose(gae(r, v, m, g, 1.0), (discounted_returns(r, m, g) - v) * m)
+
+
+def test_linear_baseline_fits_a_linear_target():
+    obs = torch.randn(6, 30, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mask = torch.ones(6, 30, dtype=torch.float64)
+    w = torch.tensor([1.0, -2.0, 0.5, 0.3, 4.0, -1.0, 2.0, 0.7], dtype=torch.float64)
+    target = features(obs) @ w
+    assert torch.allclose(fit_linear_baseline(obs, target, mask, reg=1e-10), target, atol=1e-5)
+
+
+# -- TRPO pieces -----------------------------------------------------------------------------------
+
+
+def test_conjugate_gradient_solves_spd_system():
+    a = torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    h = a @ a.T + 0.5 * torch.eye(6, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    x = conjugate_gradient(lambda v: h @ v, b, iters=10)
+    assert torch.allclose(h @ x, b, atol=1e-8)
+
+
+def test_gaussian_kl_and_log_prob():
+    mean, log_std = torch.tensor([[0.3, -1.0]]), torch.tensor([[0.2, -0.4]])
+    d = torch.distributions.Normal(mean, log_std.exp())
+    a = torch.tensor([[0.1, 0.5]])
+    assert torch.allclose(log_prob(mean, log_std, a), d.log_prob(a).sum(-1))
+    d2 = torch.distributions.Normal(mean + 0.3, (log_std - 0.1).exp())
+    assert torch.allclose(
+        kl((mean, log_std), (mean + 0.3, log_std - 0.1)), torch.distributions.kl_divergence(d, d2).sum(-1)
+    )
+
+
+def tiny_problem(first_order=False, dtype=torch.float64, tasks=3, seed=0):
+    """A float64 policy, sampled pre- and post-update batches, and MetaTRPO on them."""
+    torch.manual_seed(seed)
+    policy = GaussianMLPPolicy(2, 2, (8, 8)).to(dtype)
+    with torch.no_grad():  # zero biases put every ReLU exactly on its kink at the start state (0, 0)
+        for name, p in policy.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-0.1, 0.1)
+    maml = MAML(policy, reinforce_loss, inner_lr=0.1, strategy="loop")
+    trpo = MetaTRPO(maml, inner_lr=0.1, inner_steps=1, first_order=first_order, cg_iters=10)
+    g = torch.Generator().manual_seed(seed)
+    env = NavigationBatch(sample_goals(tasks, g).to(dtype), 5)
+    theta = {k: v.detach() for k, v in maml.params().items()}
+    pre = rollout(policy_fn(maml.fmodel, theta), env, 12, g)
+    pre_adv = advantages(pre, 0.99, 1.0, True)
+    data, adapted = [], []
+    for i in range(tasks):
+        targets = (pre.actions[i], pre_adv[i], pre.mask[i])
+        adapted.append({k: v.detach() for k, v in maml.adapt(pre.obs[i], targets, steps=1, lr=0.1).items()})
+    post = rollout(policy_fn(maml.fmodel, adapted), env, 12, g)
+    post_adv = advantages(post, 0.99, 1.0, True)
+    old_mean, old_log_std = policy_fn(maml.fmodel, adapted)(post.obs)
+    for i in range(tasks):
+        targets = (pre.actions[i], pre_adv[i], pre.mask[i])
+        data.append(
+            TaskData(
+                pre.obs[i],
+                targets,
+                post.obs[i],
+                post.actions[i],
+                post_adv[i],
+                post.mask[i],
+                old_mean[i].detach(),
+                old_log_std[i].detach(),
+            )
+        )
+    return maml, trpo, data
+
+
+def test_kl_hvp_is_the_hessian_of_the_kl_through_the_inner_step():
+    maml, trpo, data = tiny_problem()
+    params = maml.params()
+    leaves = list(params.values())
+    _, kl_value = trpo.objectives(data, params, create_graph=True)
+    grad = torch.cat([x.reshape(-1) for x in torch.autograd.grad(kl_value, leaves, create_graph=True)])
+    v = torch.randn(grad.numel(), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    exact = torch.cat([x.reshape(-1) for x in torch.autograd.grad(grad @ v, leaves)])
+    fast = trpo.kl_hvp(data, params, create_graph=True)(v) - trpo.cg_damping * v
+    assert torch.allclose(fast, exact, rtol=1e-6, atol=1e-10)
+
+
+def test_meta_gradient_matches_finite_differences():
+    """The surrogate's gradient through the inner step (second order) against central differences."""
+    maml, trpo, data = tiny_problem()
+    params = maml.params()
+    surr, _ = trpo.objectives(data, params, create_graph=True)
+    grads = torch.autograd.grad(surr, list(params.values()))
+    direction = [torch.randn_like(p) for p in params.values()]
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
+    eps = 1e-5
+
+    def at(sign):
+        shifted = {k: p.detach() + sign * eps * d for (k, p), d in zip(params.items(), direction)}
+        return trpo.objectives(data, shifted, create_graph=False)[0].item()
+
+    numeric = (at(1) - at(-1)) / (2 * eps)
+    assert analytic == pytest.approx(numeric, rel=1e-5)
+    # The first-order variant drops the inner step's Hessian, so it differs measurably.
+    fo_surr, _ = MetaTRPO(maml, inner_lr=0.1, inner_steps=1, first_order=True).objectives(data, params, False)
+    fo = torch.autograd.grad(fo_surr, list(params.values()))
+    assert abs(sum((g * d).sum() for g, d in zip(fo, direction)).item() - numeric) > 1e-4 * abs(numeric)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_trpo_step_respects_the_kl_bound_and_improves(first_order):
+    maml, trpo, data = tiny_problem(first_order=first_order)
+    before = trpo.objectives(data, maml.params(), create_graph=False)[0].item()
+    stats = trpo.step(data)
+    with torch.no_grad():
+        after, kl_after = trpo.objectives(data, maml.params(), create_graph=False)
+    assert kl_after.item() <= trpo.max_kl + 1e-12
+    assert stats["backtracks"] < trpo.max_backtracks  # a step was taken
+    assert after.item() > before
+    assert stats["kl"] == pytest.approx(kl_after.item())
+
+
+# -- experiment ------------------------------------------------------------------------------------
+
+
+def test_config_registered_and_checked():
+    cfg = config.load("rl-navigation2d")
+    assert isinstance(cfg, config.EXPERIMENTS["rl"]) and cfg.train.meta_batch_size == 20
+    assert cfg.maml.inner_lr == 0.1 and cfg.algo.max_kl == 0.01
+    with pytest.raises(config.ConfigError, match="models"):
+        config.load("rl-navigation2d-tiny", ["models=[maml,bogus]"])
+    with pytest.raises(config.ConfigError, match="learn_inner_lr"):
+        config.load("rl-navigation2d-tiny", ["maml.learn_inner_lr=true"])
+
+
+def test_train_resume_eval_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["train", "rl-navigation2d-tiny", "--out", str(out), "--quiet"]) == 0
+    assert cli.main(["train", "rl-navigation2d-tiny", "--out", str(out), "--quiet"]) == 2  # exists: no overwrite
+    # A second run stopped after 1 iteration and resumed ends where the straight run did.
+    half = tmp_path / "half"
+    assert (
+        cli.main(["train", "rl-navigation2d-tiny", "--out", str(half), "--quiet", "--set", "train.iterations=1"]) == 0
+    )
+    assert (
+        cli.main(
+            ["train", "rl-navigation2d-tiny", "--out", str(half), "--quiet", "--resume", "--set", "train.iterations=2"]
+        )
+        == 0
+    )
+    for kind in ("maml", "pretrained", "oracle"):
+        a = torch.load(out / kind / "checkpoint.pt", weights_only=False)["learner"]
+        b = torch.load(half / kind / "checkpoint.pt", weights_only=False)["learner"]
+        assert all(torch.equal(a[k], b[k]) for k in a), kind
+    assert cli.main(["eval", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert set(res["models"]) == {"maml", "pretrained", "oracle", "random"}
+    assert len(res["models"]["maml"]["returns"]) == 3 and len(res["models"]["oracle"]["returns"]) == 1
+    assert len(res["models"]["maml"]["per_task"]) == 4
+    assert (out / "eval.md").exists()
+    assert cli.main(["plot", str(out)]) == 0
+    assert (out / "plots" / "return_vs_steps.png").exists()

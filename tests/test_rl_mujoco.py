@@ -1,0 +1,115 @@
+"""MuJoCo task environments: reward definitions, termination, the task API through the vector
+API, and one tiny training/evaluation run (skipped without ``gymnasium[mujoco]``)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mujoco")
+gym = pytest.importorskip("gymnasium")
+
+from mamlkit import cli  # noqa: E402
+from mamlkit.engine.functional import FunctionalModel  # noqa: E402
+from mamlkit.rl import envs  # noqa: E402
+from mamlkit.rl.policy import GaussianMLPPolicy  # noqa: E402
+from mamlkit.rl.vector_sampler import indexed_policy, make_vector_env, vector_rollout  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _mujoco_log_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Ant writes MUJOCO_LOG.TXT into the working directory
+
+
+def run_steps(name, task, n=5, seed=0):
+    env = gym.make(name)
+    env.unwrapped.set_task(task)
+    env.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a = rng.uniform(-1, 1, env.action_space.shape)
+        out.append((a, *env.step(a)))
+    return env, out
+
+
+@pytest.mark.parametrize("goal", [0.3, 1.7])
+def test_halfcheetah_velocity_reward(goal):
+    _, steps = run_steps("mamlkit/HalfCheetahVel-v0", {"velocity": goal})
+    for a, _, r, _, _, info in steps:
+        assert r == pytest.approx(-abs(info["x_velocity"] - goal) - 0.05 * np.square(a).sum())
+
+
+@pytest.mark.parametrize("direction", [-1.0, 1.0])
+def test_halfcheetah_direction_reward(direction):
+    _, steps = run_steps("mamlkit/HalfCheetahDir-v0", {"direction": direction})
+    for a, _, r, _, _, info in steps:
+        assert r == pytest.approx(direction * info["x_velocity"] - 0.05 * np.square(a).sum())
+
+
+def test_ant_rewards_and_termination():
+    _, steps = run_steps("mamlkit/AntVel-v0", {"velocity": 2.0})
+    for a, obs, r, _, _, info in steps:
+        assert obs.shape == (105,)
+        ctrl = -0.005 * np.square(a).sum()
+        assert info["reward_ctrl"] == pytest.approx(ctrl, rel=1e-5)
+        assert info["reward_survive"] == pytest.approx(0.05)
+        assert r == pytest.approx(-abs(info["x_velocity"] - 2.0) + 0.05 + ctrl + info["reward_contact"], rel=1e-5)
+    _, steps = run_steps("mamlkit/AntDir-v0", {"direction": -1.0})
+    for a, _, r, _, _, info in steps:
+        assert info["reward_forward"] == pytest.approx(-info["x_velocity"])
+        assert r == pytest.approx(
+            -info["x_velocity"] + 0.05 - 0.005 * np.square(a).sum() + info["reward_contact"], rel=1e-5
+        )
+    env = gym.make("mamlkit/AntDir-v0")
+    env.reset(seed=0)
+    qpos, qvel = env.unwrapped.data.qpos.copy(), env.unwrapped.data.qvel.copy()
+    qpos[2] = 1.5  # torso above the healthy range [0.2, 1.0]
+    env.unwrapped.set_state(qpos, qvel)
+    assert env.step(np.zeros(8))[2]
+
+
+def test_task_sampling_ranges():
+    rng = np.random.default_rng(0)
+    vel = [t["velocity"] for t in gym.make("mamlkit/AntVel-v0").unwrapped.sample_tasks(200, rng)]
+    assert 0 <= min(vel) and max(vel) <= 3 and max(vel) > 2.5
+    dirs = {t["direction"] for t in gym.make("mamlkit/HalfCheetahDir-v0").unwrapped.sample_tasks(50, rng)}
+    assert dirs == {-1.0, 1.0}
+    assert gym.spec("mamlkit/HalfCheetahVel-v0").max_episode_steps == 200
+    assert envs.NAVIGATION in gym.registry
+
+
+def test_vector_rollout_sets_each_copy_to_its_task():
+    vec = make_vector_env("mamlkit/HalfCheetahDir-v0", 3)
+    fm = FunctionalModel(GaussianMLPPolicy(17, 6, (8,)))
+    params = {k: v.detach() for k, v in fm.params().items()}
+    tasks = [{"direction": 1.0}, {"direction": -1.0}]
+    ep = vector_rollout(vec, indexed_policy(fm, params), tasks, 2, 6, torch.Generator().manual_seed(0), 0)
+    assert ep.obs.shape == (2, 2, 6, 17) and ep.actions.shape == (2, 2, 6, 6)
+    assert ep.mask.all()
+    # 4 episodes on 3 copies: the second chunk runs episodes 3, 0, 1 (wrapped; the repeats are dropped)
+    assert list(vec.get_attr("task")) == [tasks[1], tasks[0], tasks[0]]
+    vec.close()
+
+
+def test_tiny_halfcheetah_run_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    sets = [
+        "models=[maml,oracle,random]",
+        "env.horizon=5",
+        "env.num_envs=2",
+        "policy.hidden=[8]",
+        "train.iterations=1",
+        "train.meta_batch_size=2",
+        "train.trajectories=2",
+        "algo.cg_iters=2",
+        "eval.num_tasks=2",
+        "eval.steps=1",
+        "eval.trajectories=2",
+    ]
+    args = ["train", "rl-halfcheetah-vel", "--out", str(out), "--quiet"]
+    assert cli.main(args + [x for s in sets for x in ("--set", s)]) == 0
+    assert cli.main(["eval", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert res["env"] == "halfcheetah_vel" and len(res["models"]["maml"]["returns"]) == 2
