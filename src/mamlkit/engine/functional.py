@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from fnmatch import fnmatchcase
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -74,7 +73,3 @@ def select_names(names: Iterable[str], patterns: Iterable[str] | Callable[[str],
 
 def detach(params: Params) -> Params:
     return {k: v.detach() for k, v in params.items()}
-
-
-def stack_params(per_task: list[Params]) -> Params:
-    return {k: torch.stack([p[k] for p in per_task]) for k in per_task[0]}

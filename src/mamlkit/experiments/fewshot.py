@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -26,13 +27,19 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     return (logits.argmax(-1) == labels).float().mean()
 
 
+@functools.lru_cache(maxsize=2)
+def _omniglot(root, resize: str, cache_dir):
+    """Both archives, read once per process however many splits are asked for."""
+    from ..data.omniglot import load_omniglot
+
+    return load_omniglot(root, resize=resize, cache_dir=cache_dir)
+
+
 def load_split(cfg: FewShotConfig, split: str) -> Tensor:
     """The split's images ``[classes, examples, ...]`` on the training device, loaded once."""
     d = cfg.data
     if d.dataset == "omniglot":
-        from ..data.omniglot import load_omniglot
-
-        images = load_omniglot(d.root, resize=d.resize, cache_dir=d.cache_dir).split_images(split)
+        images = _omniglot(d.root, d.resize, d.cache_dir).split_images(split)
     else:
         from ..data.miniimagenet import load_miniimagenet
 

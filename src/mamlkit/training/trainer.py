@@ -76,7 +76,6 @@ class Trainer:
         self.name = name
         self.optimizer = make_optimizer(learner.parameters(), meta_lr)
         self.iteration = 0
-        self._told = False
 
     @property
     def checkpoint_path(self) -> Path:
@@ -130,7 +129,7 @@ class Trainer:
         bar = tqdm(
             total=self.iterations, initial=self.iteration, desc=self.name, disable=not progress, dynamic_ncols=True
         )
-        running, count, t0 = torch.zeros(()), 0, time.perf_counter()
+        start, running, count, t0 = self.iteration, None, 0, time.perf_counter()
         stopped = False
         try:
             with _stop_requests() as stop:
@@ -144,11 +143,10 @@ class Trainer:
                                 p.grad.clamp_(-self.grad_clip, self.grad_clip)
                     self.optimizer.step()
                     self.iteration += 1
-                    if count == 0 and getattr(self.learner, "strategy_timings", None) and not self._told:
-                        self._told = True
+                    if self.iteration == start + 1 and getattr(self.learner, "strategy_timings", None):
                         ms = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.learner.strategy_timings.items())
                         bar.write(f"{self.name}: strategy {self.learner.strategy} (measured: {ms})")
-                    running = running.to(loss.device) + loss.detach()
+                    running = loss.detach() if count == 0 else running + loss.detach()
                     count += 1
                     it = self.iteration
                     final = it == self.iterations
@@ -161,7 +159,7 @@ class Trainer:
                         log.log(it, **row)
                         bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
                         bar.update(count)
-                        running, count, t0 = torch.zeros((), device=loss.device), 0, time.perf_counter()
+                        count, t0 = 0, time.perf_counter()
                     if it % self.checkpoint_every == 0 or final:
                         self.save()
                     if stop.is_set():
