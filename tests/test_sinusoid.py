@@ -74,7 +74,7 @@ def test_resume_continues_exactly(tmp_path):
     """A run killed after its first checkpoint and resumed ends where an uninterrupted run does."""
     cfg = small_cfg(models="[maml]")
 
-    def trainer(run_dir, sample=None):
+    def trainer(run_dir, sample=None, time_limit=0.0):
         torch.manual_seed(0)
         learner = sinusoid.make_learner(cfg, "maml")
         tasks = sinusoid.make_tasks(cfg, "maml")
@@ -87,6 +87,7 @@ def test_resume_continues_exactly(tmp_path):
             meta_lr=1e-3,
             checkpoint_every=20,
             log_every=10,
+            time_limit=time_limit,
         )
 
     straight = trainer(tmp_path / "straight")
@@ -112,6 +113,15 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a, b)
     with open(tmp_path / "killed" / "metrics.csv") as f:
         assert [int(r["iteration"]) for r in csv.DictReader(f)] == [10, 20, 30, 40]
+
+    # A time limit stops like a signal does: checkpoint saved, and --resume ends at the same place.
+    timed = trainer(tmp_path / "timed", time_limit=1e-9)
+    assert not timed.fit(progress=False)
+    assert timed.iteration == 1 and timed.checkpoint_path.exists()
+    resumed = trainer(tmp_path / "timed")
+    assert resumed.fit(resume=True, progress=False) and resumed.iteration == 40
+    for a, b in zip(straight.learner.parameters(), resumed.learner.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_config_rejects_unknown_keys_and_bad_values():

@@ -39,6 +39,9 @@ class MAMLConfig:
     adapt: list[str] | None = spec(None, doc="glob patterns of parameters the inner loop adapts; null = all")
     strategy: str = spec("auto", choices=("auto", "loop", "vmap"), doc="how tasks of a meta-batch are computed")
     compile: bool = spec(False, doc="run the meta-batch under torch.compile")
+    cuda_graphs: bool = spec(
+        False, doc="with compile on CUDA, replay the meta-batch computation as a CUDA graph (fixed shapes)"
+    )
 
 
 @dataclass
@@ -59,6 +62,9 @@ class TrainConfig:
     validate_every: int = spec(0, low=0, doc="iterations between validations (0 = never)")
     val_tasks: int = spec(200, low=1, doc="validation tasks per validation")
     grad_clip: float | None = spec(None, low=0.0, doc="clip meta-gradients elementwise to [-c, c]")
+    time_limit: float = spec(
+        0.0, low=0.0, doc="stop (checkpoint saved, resumable) after this many seconds of training; 0 = no limit"
+    )
 
 
 @dataclass

@@ -47,6 +47,10 @@ class MAML(nn.Module):
             gradients vmap gets wrong). ``self.strategy`` tells the choice,
             ``self.strategy_timings`` the measurements.
         compile: run the meta-batch computation under ``torch.compile``.
+        cuda_graphs: with ``compile`` on CUDA, replay the compiled meta-batch computation as a
+            CUDA graph (``mode="reduce-overhead"``): one launch instead of hundreds of small
+            kernels per meta-iteration. Shapes must stay fixed; outputs are copied out of the
+            graph's buffers so that they survive the next replay.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class MAML(nn.Module):
         learn_inner_lr: bool = False,
         strategy: str = "auto",
         compile: bool = False,
+        cuda_graphs: bool = False,
     ):
         super().__init__()
         if inner_steps < 0:
@@ -88,7 +93,10 @@ class MAML(nn.Module):
         self._candidates = candidate_strategies(strategy, model, second_order=not first_order and inner_steps > 0)
         self.strategy = self._candidates[0]
         self.strategy_timings: dict[str, float] = {}
+        if cuda_graphs and not compile:
+            raise ValueError("cuda_graphs=True needs compile=True (the graphs are captured by torch.compile)")
         self._compile = compile
+        self._cuda_graphs = cuda_graphs
         self._fns: dict[str, Callable] = {}
         self._strategy_chosen = False
         # One torch.func.grad transform over the meta-loss beats autograd's backward once compiled
@@ -158,7 +166,7 @@ class MAML(nn.Module):
         """Per-task query losses (shape ``[tasks]``) and query outputs after adaptation."""
         lr = self.inner_lrs if self.learn_inner_lr else None
         self._ensure_strategy(lr, batch)
-        return self._fn("forward")(self.params(), lr, *batch)
+        return self._call("forward", self.params(), lr, *batch)
 
     def meta_loss(self, batch: TaskBatch) -> Tensor:
         """Mean query loss after adaptation, differentiable w.r.t. the meta-parameters."""
@@ -181,7 +189,7 @@ class MAML(nn.Module):
         self._ensure_strategy(lr, batch)
         params = self.params()
         detached_lr = None if lr is None else {k: v.detach() for k, v in lr.items()}
-        grads, lr_grads, loss = self._fn("grad")({n: p.detach() for n, p in params.items()}, detached_lr, *batch)
+        grads, lr_grads, loss = self._call("grad", {n: p.detach() for n, p in params.items()}, detached_lr, *batch)
         _accumulate(params, grads)
         if lr is not None:
             _accumulate(dict(lr.items()), lr_grads)
@@ -197,12 +205,19 @@ class MAML(nn.Module):
         (grads, lr_grads), value = torch.func.grad_and_value(loss, argnums=(0, 1))(params, lr)
         return grads, lr_grads, value
 
-    def _fn(self, kind: str):
-        """The meta-batch computation (``forward`` or ``grad``), compiled on first use if asked."""
+    def _call(self, kind: str, *args):
+        """Run the meta-batch computation (``forward`` or ``grad``), compiled on first use if asked."""
         if kind not in self._fns:
             fn = self._meta_forward_impl if kind == "forward" else self._meta_grad_impl
-            self._fns[kind] = torch.compile(fn, dynamic=False) if self._compile else fn
-        return self._fns[kind]
+            if self._compile:
+                fn = torch.compile(fn, dynamic=False, mode="reduce-overhead" if self._cuda_graphs else None)
+            self._fns[kind] = fn
+        if not self._cuda_graphs:
+            return self._fns[kind](*args)
+        # A graph's outputs live in buffers that its next replay overwrites: copy them out.
+        torch.compiler.cudagraph_mark_step_begin()
+        out = self._fns[kind](*args)
+        return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, out)
 
     def _ensure_strategy(self, lr, batch: TaskBatch) -> None:
         if self._strategy_chosen:

@@ -20,5 +20,6 @@ def build_maml(model, loss_fn, cfg, **overrides):
         learn_inner_lr=cfg.learn_inner_lr,
         strategy=cfg.strategy,
         compile=cfg.compile,
+        cuda_graphs=cfg.cuda_graphs,
     )
     return MAML(model, loss_fn, **{**options, **overrides})

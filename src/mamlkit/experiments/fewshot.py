@@ -120,6 +120,7 @@ def train(cfg: FewShotConfig, run_dir: str | Path, resume: bool = False, progres
         validate_every=t.validate_every,
         select_on="val_acc" if validate else None,
         grad_clip=t.grad_clip,
+        time_limit=t.time_limit,
         name=run_dir.name,
     )
     return trainer.fit(resume=resume, progress=progress)
@@ -131,7 +132,7 @@ def load_learner(run_dir: Path, which: str, device: str | None) -> tuple[MAML, F
     cfg = config_lib.build(state["config"])
     if device:
         cfg.train.device = device
-    cfg.maml.compile = False
+    cfg.maml.compile = cfg.maml.cuda_graphs = False
     learner = make_learner(cfg)
     learner.load_state_dict(state["learner"])
     return learner, cfg, {"checkpoint": path.name, "iteration": state["iteration"], "val_acc": state.get("val_acc")}

@@ -72,6 +72,7 @@ def train(cfg: SinusoidConfig, run_dir: str | Path, resume: bool = False, progre
             checkpoint_every=t.checkpoint_every,
             log_every=t.log_every,
             metadata={"kind": kind, "config": config_lib.to_dict(cfg)},
+            time_limit=t.time_limit,
             name=kind,
         )
         if not trainer.fit(resume=resume, progress=progress):
@@ -84,7 +85,7 @@ def load_learner(run_dir: str | Path, kind: str, device: str | None = None) -> t
     cfg = config_lib.build(state["config"])
     if device:
         cfg.train.device = device
-    cfg.maml.compile = False  # evaluation shapes vary; compiling them costs more than it saves
+    cfg.maml.compile = cfg.maml.cuda_graphs = False  # evaluation shapes vary; compiling them costs more than it saves
     learner = make_learner(cfg, kind)
     learner.load_state_dict(state["learner"])
     return learner, cfg

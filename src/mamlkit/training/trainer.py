@@ -37,6 +37,9 @@ class Trainer:
     """Trains ``learner`` (anything with ``meta_backward(batch)``, which fills ``.grad`` and returns
     the loss) on batches from ``sample(generator)``.
 
+    ``time_limit`` (seconds, 0 = none) stops training like Ctrl-C does once that much time has
+    passed in ``fit``: the checkpoint is saved and ``--resume`` continues the run.
+
     The run directory receives ``checkpoint.pt`` (every ``checkpoint_every`` iterations, at
     the end, and on Ctrl-C / SIGTERM), ``metrics.csv`` and ``tb/``. ``resume=True`` continues
     from the checkpoint with the same model, optimiser and random-number state.
@@ -58,6 +61,7 @@ class Trainer:
         validate_every: int = 0,
         select_on: str | None = None,
         grad_clip: float | None = None,
+        time_limit: float = 0.0,
         name: str = "train",
     ):
         self.run_dir = Path(run_dir)
@@ -73,6 +77,7 @@ class Trainer:
         self.select_on = select_on
         self.best = float("-inf")
         self.grad_clip = grad_clip
+        self.time_limit = time_limit
         self.name = name
         self.optimizer = make_optimizer(learner.parameters(), meta_lr)
         self.iteration = 0
@@ -130,6 +135,7 @@ class Trainer:
             total=self.iterations, initial=self.iteration, desc=self.name, disable=not progress, dynamic_ncols=True
         )
         start, running, count, t0 = self.iteration, None, 0, time.perf_counter()
+        deadline = t0 + self.time_limit if self.time_limit else float("inf")
         stopped = False
         try:
             with _stop_requests() as stop:
@@ -162,10 +168,13 @@ class Trainer:
                         count, t0 = 0, time.perf_counter()
                     if it % self.checkpoint_every == 0 or final:
                         self.save()
-                    if stop.is_set():
+                    if stop.is_set() or (not final and time.perf_counter() > deadline):
                         stopped = True
+                        if count:  # the partial window's metrics, so the log ends where training did
+                            log.log(it, loss=running.item() / count, its_per_s=count / (time.perf_counter() - t0))
                         self.save()
-                        bar.write(f"stopped at iteration {it}; checkpoint saved to {self.checkpoint_path} (--resume)")
+                        why = "time limit reached" if not stop.is_set() else "stopped"
+                        bar.write(f"{why} at iteration {it}; checkpoint saved to {self.checkpoint_path} (--resume)")
                         break
         finally:
             bar.close()
