@@ -12,6 +12,10 @@
 # then run with carry [".data"]:  bash benchmarks/gpu_omniglot.sh
 #
 # TRAIN_S (default 390) is each run's training time; the whole script ends within ~TRAIN_S + 150 s.
+# RESUME=1 continues the runs kept in results/<preset> (copied to $RUNS first) instead of starting
+# new ones, e.g. to finish the shortened 5-way 5-shot and 20-way runs:
+#   RESUME=1 CELLS="omniglot-5way-5shot omniglot-20way-1shot omniglot-20way-5shot" TRAIN_S=400 \
+#       bash benchmarks/gpu_omniglot.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -42,9 +46,12 @@ $PY -c "import torch; print('torch', torch.__version__, torch.cuda.is_available(
 
 cell() {  # train one preset under the time limit, falling back to compile without graphs, then evaluate
     local name=$1 dir=$RUNS/$1 rc
-    timeout -s INT $((TRAIN_S + 90)) $PY -m mamlkit.cli train "$name" --out "$dir" --quiet --set train.device="$DEVICE" \
-        --set maml.compile=true --set maml.cuda_graphs=true --set train.time_limit="$TRAIN_S" \
-        >"$RUNS/$name.log" 2>&1
+    local how=(--set train.device="$DEVICE" --set maml.compile=true --set maml.cuda_graphs=true)
+    if [ "${RESUME:-0}" = 1 ] && [ -f "results/$name/checkpoint.pt" ]; then
+        rm -rf "$dir" && cp -r "results/$name" "$dir" && how=(--resume)
+    fi
+    timeout -s INT $((TRAIN_S + 90)) $PY -m mamlkit.cli train "$name" --out "$dir" --quiet "${how[@]}" \
+        --set train.time_limit="$TRAIN_S" >>"$RUNS/$name.log" 2>&1
     rc=$?
     log "$name: train exit $rc"
     if [ $rc -ne 0 ] && [ $rc -ne 130 ]; then
