@@ -424,3 +424,34 @@ def test_cuda_graph_path_gives_autograd_meta_gradients_and_keeps_outputs(device)
 def test_cuda_graphs_need_compile():
     with pytest.raises(ValueError, match="compile=True"):
         MAML(mlp(2, [8], 1), cuda_graphs=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(learn_inner_lr=True), dict(adapt=["2.*"])], ids=["all", "meta-sgd", "head-only"]
+)
+def test_checkpointed_inner_loop_matches_finite_differences_and_the_stored_one(kwargs):
+    """checkpoint_inner recomputes inner steps in the backward pass: same meta-gradient, exactly."""
+    torch.manual_seed(16)
+    model = mlp(2, [8, 8], 1, nn.Tanh)
+    batch = make_batch()
+    stored = MAML(copy.deepcopy(model), inner_lr=0.1, inner_steps=3, strategy="loop", **kwargs)
+    maml = MAML(model, inner_lr=0.1, inner_steps=3, checkpoint_inner=True, **kwargs)
+    assert maml.strategy == "loop"
+    for got, want in zip(engine_grad(maml, batch), engine_grad(stored, batch)):
+        torch.testing.assert_close(got, want)
+    assert_matches_fd(maml, batch)
+
+
+def test_checkpointed_inner_loop_through_batch_norm_matches_finite_differences():
+    torch.manual_seed(17)
+    maml = MAML(
+        NormNet(nn.BatchNorm1d(6, track_running_stats=False)), inner_lr=0.1, inner_steps=2, checkpoint_inner=True
+    )
+    assert_matches_fd(maml, make_batch(k=8, q=8))
+
+
+def test_checkpointed_inner_loop_refuses_vmap_and_compile():
+    with pytest.raises(ValueError, match="checkpoint_inner"):
+        MAML(mlp(2, [8], 1), checkpoint_inner=True, strategy="vmap")
+    with pytest.raises(ValueError, match="checkpoint_inner"):
+        MAML(mlp(2, [8], 1), checkpoint_inner=True, compile=True)

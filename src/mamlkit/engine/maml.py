@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .functional import FunctionalModel, Params, select_names
@@ -51,6 +52,10 @@ class MAML(nn.Module):
             CUDA graph (``mode="reduce-overhead"``): one launch instead of hundreds of small
             kernels per meta-iteration. Shapes must stay fixed; outputs are copied out of the
             graph's buffers so that they survive the next replay.
+        checkpoint_inner: trade time for memory in second-order MAML: each inner step keeps only
+            its parameters, and its activations are recomputed in the meta-backward pass, so memory
+            grows with the parameter count per step instead of the activations. Runs the tasks in a
+            loop, eagerly (torch.func transforms cannot recompute).
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class MAML(nn.Module):
         strategy: str = "auto",
         compile: bool = False,
         cuda_graphs: bool = False,
+        checkpoint_inner: bool = False,
     ):
         super().__init__()
         if inner_steps < 0:
@@ -90,7 +96,15 @@ class MAML(nn.Module):
             self.inner_lrs = nn.ParameterDict(
                 {_key(n): nn.Parameter(torch.full_like(params[n].detach(), inner_lr)) for n in self.adapted_names}
             )
-        self._candidates = candidate_strategies(strategy, model, second_order=not first_order and inner_steps > 0)
+        if checkpoint_inner and (strategy == "vmap" or compile):
+            raise ValueError(
+                "checkpoint_inner=True recomputes inner steps with autograd, which torch.func's vmap and "
+                "torch.compile cannot do: use strategy='loop' or 'auto' and compile=False"
+            )
+        self.checkpoint_inner = checkpoint_inner
+        self._candidates = candidate_strategies(
+            "loop" if checkpoint_inner else strategy, model, second_order=not first_order and inner_steps > 0
+        )
         self.strategy = self._candidates[0]
         self.strategy_timings: dict[str, float] = {}
         if cuda_graphs and not compile:
@@ -138,6 +152,10 @@ class MAML(nn.Module):
         return params
 
     def _inner_step(self, params: Params, inputs, targets, lr, create_graph: bool) -> Params:
+        if self.checkpoint_inner and create_graph and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(
+                self._autograd_inner_step, params, inputs, targets, lr, use_reentrant=False
+            )
         adapted = {n: params[n] for n in self.adapted_names}
 
         def support_loss(sub: Params) -> Tensor:
@@ -148,6 +166,14 @@ class MAML(nn.Module):
             grads = {n: g.detach() for n, g in grads.items()}
         step = (lambda n: lr[_key(n)]) if isinstance(lr, nn.ParameterDict | dict) else (lambda n: lr)
         return {**params, **{n: p - step(n) * grads[n] for n, p in adapted.items()}}
+
+    def _autograd_inner_step(self, params: Params, inputs, targets, lr) -> Params:
+        """A second-order inner step with autograd instead of torch.func (which checkpoint cannot replay)."""
+        names = [n for n in self.adapted_names if params[n].requires_grad]
+        loss = self.loss_fn(self.fmodel(params, inputs), targets)
+        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
+        step = (lambda n: lr[_key(n)]) if isinstance(lr, nn.ParameterDict | dict) else (lambda n: lr)
+        return {**params, **{n: params[n] - step(n) * g for n, g in zip(names, grads) if g is not None}}
 
     def _lrs(self, lr: StepSize, steps: int) -> list:
         if lr is None:

@@ -21,5 +21,6 @@ def build_maml(model, loss_fn, cfg, **overrides):
         strategy=cfg.strategy,
         compile=cfg.compile,
         cuda_graphs=cfg.cuda_graphs,
+        checkpoint_inner=cfg.checkpoint_inner,
     )
     return MAML(model, loss_fn, **{**options, **overrides})
