@@ -42,6 +42,9 @@ class MAMLConfig:
     cuda_graphs: bool = spec(
         False, doc="with compile on CUDA, replay the meta-batch computation as a CUDA graph (fixed shapes)"
     )
+    autocast: str = spec(
+        "none", choices=("none", "bf16"), doc="bf16 = meta-batch under torch.autocast in bfloat16 (GPU speed option)"
+    )
     checkpoint_inner: bool = spec(
         False, doc="recompute inner-step activations in the backward pass: less memory, more time (loop, eager)"
     )

@@ -56,6 +56,8 @@ class MAML(nn.Module):
             its parameters, and its activations are recomputed in the meta-backward pass, so memory
             grows with the parameter count per step instead of the activations. Runs the tasks in a
             loop, eagerly (torch.func transforms cannot recompute).
+        autocast: ``"bf16"`` runs the meta-batch computation under ``torch.autocast`` in bfloat16
+            (matrix products and convolutions in bf16, parameters and their gradients in float32).
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class MAML(nn.Module):
         compile: bool = False,
         cuda_graphs: bool = False,
         checkpoint_inner: bool = False,
+        autocast: str | None = None,
     ):
         super().__init__()
         if inner_steps < 0:
@@ -102,6 +105,9 @@ class MAML(nn.Module):
                 "torch.compile cannot do: use strategy='loop' or 'auto' and compile=False"
             )
         self.checkpoint_inner = checkpoint_inner
+        if autocast not in (None, "none", "bf16"):
+            raise ValueError(f"autocast must be None, 'none' or 'bf16', got {autocast!r}")
+        self.autocast = None if autocast == "none" else autocast
         self._candidates = candidate_strategies(
             "loop" if checkpoint_inner else strategy, model, second_order=not first_order and inner_steps > 0
         )
@@ -266,6 +272,14 @@ class MAML(nn.Module):
         self.strategy = min(self.strategy_timings, key=self.strategy_timings.get)
 
     def _meta_forward_impl(self, params, lr, si, st, qi, qt):
+        if self.autocast:
+            device = next(iter(params.values())).device.type
+            with torch.autocast(device, dtype=torch.bfloat16):
+                losses, out = self._meta_forward_tasks(params, lr, si, st, qi, qt)
+            return losses.float(), out
+        return self._meta_forward_tasks(params, lr, si, st, qi, qt)
+
+    def _meta_forward_tasks(self, params, lr, si, st, qi, qt):
         lrs = [self.inner_lr if lr is None else lr] * self.inner_steps
         create_graph = not self.first_order
 

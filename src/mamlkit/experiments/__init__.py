@@ -22,5 +22,6 @@ def build_maml(model, loss_fn, cfg, **overrides):
         compile=cfg.compile,
         cuda_graphs=cfg.cuda_graphs,
         checkpoint_inner=cfg.checkpoint_inner,
+        autocast=cfg.autocast,
     )
     return MAML(model, loss_fn, **{**options, **overrides})
