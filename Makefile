@@ -30,7 +30,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	PYTHON=$(BIN)/python bash benchmarks/install_peers.sh
-	$(BIN)/python benchmarks/sinusoid_speed.py --write BENCHMARKS.md
+	$(BIN)/python benchmarks/peers_speed.py --write BENCHMARKS.md
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

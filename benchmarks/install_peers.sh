@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the peer libraries that benchmarks/sinusoid_speed.py times against mamlkit:
+# Installs the peer libraries that benchmarks/peers_speed.py times against mamlkit:
 # higher, torchopt and learn2learn 0.2.0. Every pip call is constrained by requirements/constraints.txt,
 # so torch stays at the pinned build.
 #
@@ -11,7 +11,7 @@
 #   * it is installed with --no-deps: its requirements (torchvision, gym, qpth, gsutil, requests, scipy, ...)
 #     are only needed by its datasets/vision/gym subpackages. torchvision in particular must not be installed:
 #     no build matches torch 2.13 here. The benchmark imports learn2learn.algorithms.maml alone, without
-#     running learn2learn/__init__.py (see import_l2l_maml in sinusoid_speed.py).
+#     running learn2learn/__init__.py (see import_l2l_maml in peers_speed.py).
 # Building it needs a C compiler and the Python headers, and setuptools in the env (--no-build-isolation).
 set -euo pipefail
 cd "$(dirname "$0")/.."

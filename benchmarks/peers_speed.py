@@ -1,18 +1,25 @@
-"""Meta-iterations per second on the MAML sinusoid setup: mamlkit against its peers, in one run.
+"""Meta-iterations per second of mamlkit against its peers on the paper's workloads, in one run.
 
-The workload is the paper's (Finn et al., 2017, Section 5.1), identical for every implementation:
-an MLP 1-40-40-1 with ReLU, MSE loss, 25 tasks per meta-batch, K=10 support and 10 query points
-per task, one inner SGD step (alpha = 0.01), the second-order meta-gradient and an Adam (lr 1e-3)
-meta-update, in float32 on the CPU. One meta-iteration = sample a meta-batch + meta-forward +
-backward + optimiser step.
+Workloads (``--workload``), identical for every implementation:
+- ``sinusoid``: the paper's regression (Section 5.1): MLP 1-40-40-1, MSE, 25 tasks per meta-batch,
+  K=10 support + 10 query points, one inner step (alpha 0.01).
+- ``omniglot-5way-1shot`` / ``omniglot-20way-1shot``: the paper's Omniglot conv4 (64 filters,
+  stride 2, batch-statistics BatchNorm), K=1 support and 1 query image per class, meta-batch 32
+  with 1 inner step / meta-batch 16 with 5 inner steps, alpha*N = 2.0 on the mean cross-entropy.
+- ``miniimagenet-5way-1shot``: the MiniImagenet conv4 (32 filters, max-pool) on 84x84x3 images,
+  1 support + 15 query images per class, meta-batch 4, 5 inner steps, alpha*N = 0.05.
+Image workloads use synthetic images of the real shapes (speed does not depend on the pixels).
+Every implementation adapts every parameter, takes the second-order meta-gradient of the mean
+query loss and an Adam (lr 1e-3) step; one meta-iteration = sample + meta-forward + backward +
+optimiser step, in float32 on ``--device``.
 
-Before timing, every implementation's meta-gradient on one fixed batch, from the same initial
-weights, is checked against mamlkit's. Peers that are not installed show up as "not installed"
-rows (``benchmarks/install_peers.sh`` installs them).
+Before timing, each implementation's meta-gradient on one fixed batch, from the same initial
+weights, is checked against mamlkit's (eager loop). Peers that are not installed show up as "not
+installed" rows (``benchmarks/install_peers.sh`` installs learn2learn, higher and torchopt).
 
 Usage:
-    python benchmarks/sinusoid_speed.py [--windows 5] [--write BENCHMARKS.md] [--only mamlkit-vmap,torch-loop]
-                                        [--threads 1] [--warm-cache]
+    python benchmarks/peers_speed.py [--workload sinusoid] [--device cpu] [--windows 5]
+        [--write BENCHMARKS.md] [--only mamlkit-vmap,torch-loop] [--threads 1] [--warm-cache]
 """
 
 from __future__ import annotations
@@ -41,26 +48,103 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mamlkit import MAML, TaskBatch
-from mamlkit.models import mlp
+from mamlkit.models import miniimagenet_conv4, mlp, omniglot_conv4
 from mamlkit.tasks import SinusoidTasks
 from mamlkit.training.trainer import make_optimizer
 
-# -- the workload -------------------------------------------------------------------------------
-META_BATCH = 25
-K_SUPPORT = 10
-K_QUERY = 10
-INNER_LR = 0.01
+# -- the workloads --------------------------------------------------------------------------------
 META_LR = 1e-3
-HIDDEN = [40, 40]
-RTOL, ATOL = 1e-4, 1e-5  # meta-gradient agreement with mamlkit
-
-START_MARK = "<!-- sinusoid-speed:start -->"
-END_MARK = "<!-- sinusoid-speed:end -->"
 
 
-def make_net() -> nn.Sequential:
-    """The paper's sinusoid network: Linear(1,40)-ReLU-Linear(40,40)-ReLU-Linear(40,1)."""
-    return mlp(1, HIDDEN, 1)
+@dataclass
+class Workload:
+    key: str
+    description: str
+    make_net: Callable[[], nn.Module]
+    loss: Callable[[Tensor, Tensor], Tensor]
+    inner_lr: float
+    inner_steps: int
+    meta_batch: int
+    sample: Callable[[int, torch.Generator, str], TaskBatch]  # (tasks, generator, device) -> batch
+    tolerance: float  # relative error of the whole meta-gradient (in norm) counted as agreement
+    warmup: int
+
+
+def sinusoid_batch(tasks: int, g: torch.Generator, device: str) -> TaskBatch:
+    return SinusoidTasks().batch(tasks, 10, 10, g).to(device)
+
+
+def image_batch(n_way: int, shape: tuple[int, ...], support: int, query: int, binary: bool):
+    """Synthetic episodes of the real shapes: ``support``/``query`` images per class, labels 0..N-1."""
+
+    def sample(tasks: int, g: torch.Generator, device: str) -> TaskBatch:
+        def images(per_class: int) -> tuple[Tensor, Tensor]:
+            x = torch.rand(tasks, n_way * per_class, *shape, generator=g)
+            x = (x > 0.8).float() if binary else x  # Omniglot's ink is sparse and binary
+            y = torch.arange(n_way).repeat_interleave(per_class).expand(tasks, -1).contiguous()
+            return x.to(device), y.to(device)
+
+        return TaskBatch(*images(support), *images(query))
+
+    return sample
+
+
+WORKLOADS = {
+    w.key: w
+    for w in [
+        Workload(
+            "sinusoid",
+            "MLP 1-40-40-1, meta-batch 25, K=10 support + 10 query points, 1 inner step (α=0.01), MSE",
+            lambda: mlp(1, [40, 40], 1),
+            F.mse_loss,
+            0.01,
+            1,
+            25,
+            sinusoid_batch,
+            1e-4,
+            20,
+        ),
+        Workload(
+            "omniglot-5way-1shot",
+            "Omniglot conv4 (64 filters, stride 2, batch-stat BN), 5-way 1-shot, 1 query/class, meta-batch 32, "
+            "1 inner step (α·N=2.0), synthetic 28×28 binary images",
+            lambda: omniglot_conv4(5),
+            F.cross_entropy,
+            2.0,
+            1,
+            32,
+            image_batch(5, (1, 28, 28), 1, 1, binary=True),
+            1e-3,
+            4,
+        ),
+        Workload(
+            "omniglot-20way-1shot",
+            "Omniglot conv4, 20-way 1-shot, 1 query/class, meta-batch 16, 5 inner steps (α·N=2.0), synthetic images",
+            lambda: omniglot_conv4(20),
+            F.cross_entropy,
+            2.0,
+            5,
+            16,
+            image_batch(20, (1, 28, 28), 1, 1, binary=True),
+            1e-3,
+            3,
+        ),
+        Workload(
+            "miniimagenet-5way-1shot",
+            "MiniImagenet conv4 (32 filters, max-pool), 5-way 1-shot, 15 queries/class, meta-batch 4, "
+            "5 inner steps (α·N=0.05), synthetic 84×84×3 images",
+            lambda: miniimagenet_conv4(5),
+            F.cross_entropy,
+            0.05,
+            5,
+            4,
+            image_batch(5, (3, 84, 84), 1, 15, binary=False),
+            1e-3,
+            3,
+        ),
+    ]
+}
+W: Workload = WORKLOADS["sinusoid"]  # the workload being measured (set in main)
 
 
 # -- implementations ------------------------------------------------------------------------------
@@ -91,7 +175,7 @@ def mamlkit_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
 
 def build_mamlkit(strategy: str, compile: bool) -> Callable[[nn.Sequential], ForwardBackward]:
     def build(net: nn.Sequential) -> ForwardBackward:
-        maml = MAML(net, F.mse_loss, inner_lr=INNER_LR, inner_steps=1, strategy=strategy, compile=compile)
+        maml = MAML(net, W.loss, inner_lr=W.inner_lr, inner_steps=W.inner_steps, strategy=strategy, compile=compile)
 
         # meta_backward is what mamlkit's trainer calls: it fills .grad like loss.backward() does.
         return maml.meta_backward
@@ -107,10 +191,12 @@ def build_torch_loop(net: nn.Sequential) -> ForwardBackward:
         si, st, qi, qt = batch
         total = 0.0
         for i in range(si.shape[0]):
-            support_loss = F.mse_loss(functional_call(net, params, (si[i],)), st[i])
-            grads = torch.autograd.grad(support_loss, list(params.values()), create_graph=True)
-            fast = {name: p - INNER_LR * g for (name, p), g in zip(params.items(), grads, strict=True)}
-            total = total + F.mse_loss(functional_call(net, fast, (qi[i],)), qt[i])
+            fast = params
+            for _ in range(W.inner_steps):
+                support_loss = W.loss(functional_call(net, fast, (si[i],)), st[i])
+                grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=True)
+                fast = {name: p - W.inner_lr * g for (name, p), g in zip(fast.items(), grads, strict=True)}
+            total = total + W.loss(functional_call(net, fast, (qi[i],)), qt[i])
         loss = total / si.shape[0]
         loss.backward()
         return loss
@@ -142,15 +228,16 @@ def import_l2l_maml() -> type:
 
 def build_learn2learn(net: nn.Sequential) -> ForwardBackward:
     """learn2learn 0.2.0: clone(), adapt(), summed query losses (its maml_sine.py example)."""
-    maml = import_l2l_maml()(net, lr=INNER_LR, first_order=False)
+    maml = import_l2l_maml()(net, lr=W.inner_lr, first_order=False)
 
     def forward_backward(batch: TaskBatch) -> Tensor:
         si, st, qi, qt = batch
         total = 0.0
         for i in range(si.shape[0]):
             learner = maml.clone()
-            learner.adapt(F.mse_loss(learner(si[i]), st[i]))
-            total = total + F.mse_loss(learner(qi[i]), qt[i])
+            for _ in range(W.inner_steps):
+                learner.adapt(W.loss(learner(si[i]), st[i]))
+            total = total + W.loss(learner(qi[i]), qt[i])
         loss = total / si.shape[0]
         loss.backward()
         return loss
@@ -162,15 +249,16 @@ def build_higher(net: nn.Sequential) -> ForwardBackward:
     """higher: innerloop_ctx with an SGD inner optimiser, copy_initial_weights=False, per task."""
     import higher
 
-    inner_opt = torch.optim.SGD(net.parameters(), lr=INNER_LR)
+    inner_opt = torch.optim.SGD(net.parameters(), lr=W.inner_lr)
 
     def forward_backward(batch: TaskBatch) -> Tensor:
         si, st, qi, qt = batch
         total = 0.0
         for i in range(si.shape[0]):
             with higher.innerloop_ctx(net, inner_opt, copy_initial_weights=False) as (fnet, diffopt):
-                diffopt.step(F.mse_loss(fnet(si[i]), st[i]))
-                total = total + F.mse_loss(fnet(qi[i]), qt[i])
+                for _ in range(W.inner_steps):
+                    diffopt.step(W.loss(fnet(si[i]), st[i]))
+                total = total + W.loss(fnet(qi[i]), qt[i])
         loss = total / si.shape[0]
         loss.backward()
         return loss
@@ -182,7 +270,7 @@ def build_torchopt(net: nn.Sequential) -> ForwardBackward:
     """torchopt: a differentiable MetaSGD step per task, the module's state restored between tasks."""
     import torchopt
 
-    inner_opt = torchopt.MetaSGD(net, lr=INNER_LR)
+    inner_opt = torchopt.MetaSGD(net, lr=W.inner_lr)
     net_state = torchopt.extract_state_dict(net)  # by reference: the meta-parameters themselves
     opt_state = torchopt.extract_state_dict(inner_opt)
 
@@ -190,8 +278,9 @@ def build_torchopt(net: nn.Sequential) -> ForwardBackward:
         si, st, qi, qt = batch
         total = 0.0
         for i in range(si.shape[0]):
-            inner_opt.step(F.mse_loss(net(si[i]), st[i]))  # net now holds the adapted (non-leaf) tensors
-            total = total + F.mse_loss(net(qi[i]), qt[i])
+            for _ in range(W.inner_steps):
+                inner_opt.step(W.loss(net(si[i]), st[i]))  # net now holds the adapted (non-leaf) tensors
+            total = total + W.loss(net(qi[i]), qt[i])
             torchopt.recover_state_dict(net, net_state)
             torchopt.recover_state_dict(inner_opt, opt_state)
         loss = total / si.shape[0]
@@ -223,6 +312,7 @@ class Result:
     its: list[float] | None = None  # it/s of each timed window
     warmup_s: float = 0.0
     grad_check: str = ""
+    peak_gib: float | None = None  # CUDA only: peak allocated memory while timed
 
     @property
     def median(self) -> float:
@@ -236,10 +326,12 @@ def meta_gradient(net: nn.Module, forward_backward: ForwardBackward, batch: Task
 
 
 def compare(grads: list[Tensor], reference: list[Tensor]) -> str:
-    """✓ when every tensor is allclose(rtol=1e-4, atol=1e-5), else the largest absolute difference."""
-    if all(torch.allclose(g, r, rtol=RTOL, atol=ATOL) for g, r in zip(grads, reference, strict=True)):
-        return "✓"
-    return f"✗ max diff {max((g - r).abs().max().item() for g, r in zip(grads, reference, strict=True)):.2e}"
+    """✓ when the relative error of the whole meta-gradient (in norm) is within the workload's tolerance."""
+    # Over all tensors at once: a conv bias followed by BatchNorm has a zero gradient (the
+    # normalisation cancels it), where a per-tensor relative error would compare round-off noise.
+    diff = sum(((g - r) ** 2).sum() for g, r in zip(grads, reference, strict=True)) ** 0.5
+    error = (diff / sum((r**2).sum() for r in reference) ** 0.5).item()
+    return "✓" if error <= W.tolerance else f"✗ relative error {error:.1e}"
 
 
 def benchmark(
@@ -250,10 +342,11 @@ def benchmark(
     warmup: int,
     windows: int,
     window_s: float,
+    device: str,
 ) -> Result:
     """Warm up (compilation included), check the meta-gradient, then time ``windows`` windows."""
     result = Result(impl)
-    net = make_net()
+    net = W.make_net().to(device)
     net.load_state_dict(init_state)
     try:
         forward_backward = impl.build(net)
@@ -264,11 +357,11 @@ def benchmark(
         result.status = failure(e)
         return result
     opt = impl.optimizer(list(net.parameters()))
-    tasks = SinusoidTasks()
     g = torch.Generator().manual_seed(0)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def step() -> None:
-        batch = tasks.batch(META_BATCH, K_SUPPORT, K_QUERY, g)
+        batch = W.sample(W.meta_batch, g, device)
         opt.zero_grad(set_to_none=True)
         forward_backward(batch)
         opt.step()
@@ -277,6 +370,7 @@ def benchmark(
         t0 = time.perf_counter()  # the first iterations include tracing and, for torch.compile, compilation
         for _ in range(warmup):
             step()
+        sync()
         result.warmup_s = time.perf_counter() - t0
 
         net.load_state_dict(init_state)  # back to the common initial weights (copied in place)
@@ -288,13 +382,19 @@ def benchmark(
         while probe < 3 or time.perf_counter() - t0 < 0.3:
             step()
             probe += 1
+        sync()
         n = max(3, round(window_s * probe / (time.perf_counter() - t0)))
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
         result.its = []
         for _ in range(windows):
             t0 = time.perf_counter()
             for _ in range(n):
                 step()
+            sync()
             result.its.append(n / (time.perf_counter() - t0))
+        if device.startswith("cuda"):
+            result.peak_gib = torch.cuda.max_memory_allocated() / 2**30
     except Exception as e:
         result.status = failure(e)
     return result
@@ -312,17 +412,23 @@ def table(results: list[Result]) -> str:
     baseline = next((r for key in BASELINES for r in results if r.impl.key == key and r.its), None)
     ratio_name = f"vs {baseline.impl.name}" if baseline else "ratio"
     lines = [
-        f"| implementation | it/s (median) | min – max | {ratio_name} | warm-up (s) | grad matches mamlkit |",
-        "|---|---:|---:|---:|---:|:---:|",
+        f"| implementation | it/s (median) | min – max | {ratio_name} | warm-up (s) | peak GPU memory "
+        "| grad matches mamlkit |",
+        "|---|---:|---:|---:|---:|---:|:---:|",
     ]
+
+    def num(x: float) -> str:
+        return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
     for r in results:
         if not r.its:
-            lines.append(f"| {r.impl.name} | {r.status} | | | | {r.grad_check} |")
+            lines.append(f"| {r.impl.name} | {r.status} | | | | | {r.grad_check} |")
             continue
         ratio = f"{r.median / baseline.median:.1f}×" if baseline else ""
+        peak = f"{r.peak_gib:.2f} GiB" if r.peak_gib is not None else "–"
         lines.append(
-            f"| {r.impl.name} | {r.median:.0f} | {min(r.its):.0f} – {max(r.its):.0f} | {ratio} "
-            f"| {r.warmup_s:.1f} | {r.grad_check} |"
+            f"| {r.impl.name} | {num(r.median)} | {num(min(r.its))} – {num(max(r.its))} | {ratio} "
+            f"| {r.warmup_s:.1f} | {peak} | {r.grad_check} |"
         )
     return "\n".join(lines)
 
@@ -336,7 +442,9 @@ def cpu_model() -> str:
     return m.group(1).strip() if m else platform.machine()
 
 
-def machine() -> str:
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Python {platform.python_version()}"
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (
         f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
@@ -345,16 +453,23 @@ def machine() -> str:
     )
 
 
+def marks(args: argparse.Namespace) -> tuple[str, str]:
+    """The BENCHMARKS.md section of this workload and device kind (the sinusoid CPU one keeps its old name)."""
+    kind = "gpu" if args.device.startswith("cuda") else "cpu"
+    name = "sinusoid-speed" if (args.workload, kind) == ("sinusoid", "cpu") else f"speed-{args.workload}-{kind}"
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
 def section(results: list[Result], args: argparse.Namespace, machine_line: str) -> str:
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    start, end = marks(args)
     return "\n".join(
         [
-            START_MARK,
-            "### Sinusoid meta-training speed",
+            start,
+            f"### {args.workload} meta-training speed against peers ({'GPU' if 'cuda' in args.device else 'CPU'})",
             "",
-            f"MLP 1-40-40-1, meta-batch {META_BATCH}, K={K_SUPPORT} support + {K_QUERY} query, one inner SGD step "
-            f"(α={INNER_LR}), second-order meta-gradient, Adam {META_LR:g}; float32 on the CPU. One iteration = "
-            f"sample a batch + meta-forward + backward + optimiser step. it/s: median of {args.windows} windows "
+            f"{W.description}; second-order meta-gradient, Adam {META_LR:g}; float32 on {args.device}. One iteration "
+            f"= sample a batch + meta-forward + backward + optimiser step. it/s: median of {args.windows} windows "
             f"of about {args.window_seconds:g} s after {args.warmup} warm-up iterations (torch.compile's compilation, "
             f"{'with a warm on-disk cache' if args.warm_cache else 'from an empty cache'}, is part of the warm-up).",
             "",
@@ -363,17 +478,17 @@ def section(results: list[Result], args: argparse.Namespace, machine_line: str) 
             f"- command: `{command}`",
             "",
             table(results),
-            END_MARK,
+            end,
         ]
     )
 
 
-def write_section(path: Path, text: str) -> None:
+def write_section(path: Path, text: str, start_mark: str, end_mark: str) -> None:
     """Replace the marked section of ``path``, or append it (creating the file if needed)."""
     old = path.read_text() if path.exists() else ""
-    start, end = old.find(START_MARK), old.find(END_MARK)
+    start, end = old.find(start_mark), old.find(end_mark)
     if start != -1 and end > start:
-        new = old[:start] + text + old[end + len(END_MARK) :]
+        new = old[:start] + text + old[end + len(end_mark) :]
     else:
         new = old + ("\n\n" if old and not old.endswith("\n\n") else "") + text + "\n"
     path.write_text(new)
@@ -384,9 +499,13 @@ def write_section(path: Path, text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="sinusoid")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--windows", type=int, default=5, help="timed windows per implementation (median reported)")
     parser.add_argument("--window-seconds", type=float, default=2.0, help="approximate length of one window")
-    parser.add_argument("--warmup", type=int, default=20, help="warm-up iterations (compilation happens here)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="warm-up iterations (compilation happens here); default per workload"
+    )
     parser.add_argument("--only", type=str, default="", help=f"comma-separated subset of {[i.key for i in IMPLS]}")
     # torch's default thread count, as users run it. On a loaded machine two threads per process stall each
     # other and the windows scatter by 10x: there, --threads 1 gives stable (and hardly slower) figures.
@@ -396,6 +515,9 @@ def main() -> None:
         "--warm-cache", action="store_true", help="reuse torch.compile's on-disk cache (default: compile from scratch)"
     )
     args = parser.parse_args()
+    global W
+    W = WORKLOADS[args.workload]
+    args.warmup = W.warmup if args.warmup is None else args.warmup
 
     impls = IMPLS
     if args.only:
@@ -409,25 +531,27 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cold_cache = None
     if not args.warm_cache:  # an empty inductor cache, so that warm-up includes the full compilation
-        cold_cache = tempfile.mkdtemp(prefix="sinusoid_speed_inductor_")
+        cold_cache = tempfile.mkdtemp(prefix="peers_speed_inductor_")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold_cache
 
-    machine_line = machine()
+    machine_line = machine(args.device)
     print(machine_line, flush=True)
     torch.manual_seed(0)
-    init_state = {k: v.clone() for k, v in make_net().state_dict().items()}
-    check_batch = SinusoidTasks().batch(META_BATCH, K_SUPPORT, K_QUERY, torch.Generator().manual_seed(1234))
+    init_state = {k: v.clone() for k, v in W.make_net().to(args.device).state_dict().items()}
+    check_batch = W.sample(W.meta_batch, torch.Generator().manual_seed(1234), args.device)
 
     # The reference meta-gradient: mamlkit, eager, one task at a time.
-    ref_net = make_net()
+    ref_net = W.make_net().to(args.device)
     ref_net.load_state_dict(init_state)
     reference = meta_gradient(ref_net, build_mamlkit("loop", compile=False)(ref_net), check_batch)
 
     results = []
     for impl in impls:
         print(f"{impl.name} ...", end=" ", flush=True)
-        r = benchmark(impl, init_state, check_batch, reference, args.warmup, args.windows, args.window_seconds)
-        print(f"{r.median:.0f} it/s, grad {r.grad_check}" if r.its else r.status, flush=True)
+        r = benchmark(
+            impl, init_state, check_batch, reference, args.warmup, args.windows, args.window_seconds, args.device
+        )
+        print(f"{r.median:.3g} it/s, grad {r.grad_check}" if r.its else r.status, flush=True)
         results.append(r)
 
     if cold_cache:
@@ -436,7 +560,7 @@ def main() -> None:
     print()
     print(table(results))
     if args.write:
-        write_section(args.write, section(results, args, machine_line))
+        write_section(args.write, section(results, args, machine_line), *marks(args))
         print(f"\nwrote {args.write}")
 
 
