@@ -5,7 +5,8 @@ Workload: the Omniglot conv4 of the paper (64 filters, stride 2, batch-statistic
 N-way K-shot with K queries per class (5-way 1-shot by default), synthetic 28x28 images. Each
 measurement runs in a fresh process: on CUDA the figure is ``torch.cuda.max_memory_allocated``;
 on the CPU it is the rise of the process's peak resident memory over its resident memory just
-before the meta-iteration.
+before the meta-iteration, with glibc told to serve large blocks by mmap (so that freed memory
+leaves the process and the peak follows the live tensors).
 
     python benchmarks/inner_memory.py [--device cpu] [--steps 1,5,10,20,40] [--meta-batch 8]
         [--write BENCHMARKS.md]
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -98,7 +100,10 @@ def main() -> None:
         for ck in (0, 1):
             cmd = [sys.executable, __file__, "--device", args.device, "--meta-batch", str(args.meta_batch)]
             cmd += ["--n-way", str(args.n_way), "--k-shot", str(args.k_shot)]
-            out = subprocess.run([*cmd, "--one", f"{steps},{ck}"], capture_output=True, text=True)
+            # glibc keeps freed heap memory in the process, so the peak RSS would also count memory that the
+            # autograd graph freed long ago; served by mmap, large blocks go back to the OS when freed.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+            out = subprocess.run([*cmd, "--one", f"{steps},{ck}"], capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 rows.append({"steps": steps, "checkpoint": bool(ck), "error": out.stderr.strip().splitlines()[-1]})
             else:
