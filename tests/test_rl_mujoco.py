@@ -113,3 +113,16 @@ def test_tiny_halfcheetah_run_end_to_end(tmp_path):
     assert cli.main(["eval", str(out)]) == 0
     res = json.loads((out / "eval.json").read_text())
     assert res["env"] == "halfcheetah_vel" and len(res["models"]["maml"]["returns"]) == 2
+
+
+def test_indexed_policy_uses_each_rows_task_parameters():
+    """Runs of rows per task (wrapping chunks included) give each row its own task's outputs."""
+    fm = FunctionalModel(GaussianMLPPolicy(17, 6, (8,)))
+    base = {k: v.detach() for k, v in fm.params().items()}
+    params = [{k: v + 0.1 * i for k, v in base.items()} for i in range(3)]
+    task_index = torch.tensor([1, 1, 2, 2, 2, 0, 0])
+    obs = torch.randn(7, 17, generator=torch.Generator().manual_seed(0))
+    mean, log_std = indexed_policy(fm, params)(task_index)(obs)
+    for j, i in enumerate(task_index.tolist()):
+        m, s = fm(params[i], obs[j : j + 1])
+        assert torch.allclose(mean[j], m[0], atol=1e-6) and torch.equal(log_std[j], s[0])

@@ -19,7 +19,8 @@ from ..engine.functional import FunctionalModel, Params
 from . import envs  # noqa: F401  (registers mamlkit's environments)
 from .sampler import Episodes
 
-IndexedPolicy = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+# ``policy(task_index)`` binds a chunk's rows to their tasks once and returns ``obs -> (mean, log_std)``.
+IndexedPolicy = Callable[[Tensor], Callable[[Tensor], tuple[Tensor, Tensor]]]
 
 
 def make_vector_env(env_id: str, num_envs: int, asynchronous: bool = False, **kwargs) -> gym.vector.VectorEnv:
@@ -31,16 +32,60 @@ def make_vector_env(env_id: str, num_envs: int, asynchronous: bool = False, **kw
 
 
 def indexed_policy(fmodel: FunctionalModel, params: Params | list[Params]) -> IndexedPolicy:
-    """The policy on ``obs [n, d]`` where row ``j`` belongs to task ``task_index[j]``."""
+    """The policy on a chunk's ``obs [n, d]`` where row ``j`` belongs to task ``task_index[j]``.
+
+    Episodes are numbered task by task, so a chunk's rows form a few runs of one task each
+    (at most two when ``num_envs <= trajectories``). The policy is called once per run with
+    that task's parameters: a plain call costs ~50 µs here, against ~350 µs for ``vmap`` over
+    per-row parameters gathered at every step, which took half the sampling time.
+    """
     if isinstance(params, dict):
-        return lambda obs, task_index: fmodel(params, obs)
-    stacked = {k: torch.stack([p[k] for p in params]) for k in params[0]}
+        return lambda task_index: lambda obs: fmodel(params, obs)
 
-    def act(obs: Tensor, task_index: Tensor):
-        per_row = {k: v[task_index] for k, v in stacked.items()}
-        return torch.func.vmap(fmodel)(per_row, obs)
+    def bind(task_index: Tensor):
+        runs = _runs(task_index.tolist())
+        if len(runs) == 1:
+            only = params[runs[0][2]]
+            return lambda obs: fmodel(only, obs)
 
-    return act
+        def act(obs: Tensor) -> tuple[Tensor, Tensor]:
+            outs = [fmodel(params[task], obs[a:b]) for a, b, task in runs]
+            return tuple(torch.cat(parts) for parts in zip(*outs))
+
+        return act
+
+    return bind
+
+
+def _runs(index: list[int]) -> list[tuple[int, int, int]]:
+    """``(start, end, value)`` of each run of equal consecutive values of ``index``."""
+    runs = []
+    for j, v in enumerate(index):
+        if runs and runs[-1][2] == v:
+            runs[-1] = (runs[-1][0], j + 1, v)
+        else:
+            runs.append((j, j + 1, v))
+    return runs
+
+
+def _step(vec: gym.vector.VectorEnv, actions: np.ndarray, alive: np.ndarray):
+    """One step of every copy that is still in its episode -> ``(obs, rewards, terminated)``.
+
+    A synchronous vector env's copies are stepped directly: ``SyncVectorEnv.step`` adds ~25 µs
+    per copy and step (info dicts, autoreset bookkeeping) to MuJoCo's ~70. Copies whose episode
+    ended are not stepped (their rows are masked out; the next chunk's ``reset`` restarts them),
+    where the vector env would reset them; the kept data are the same.
+    """
+    if not isinstance(vec, gym.vector.SyncVectorEnv):
+        obs, reward, terminated, _, _ = vec.step(actions)
+        return obs, reward, terminated
+    obs = np.zeros((vec.num_envs, *vec.single_observation_space.shape))
+    reward = np.zeros(vec.num_envs)
+    terminated = np.zeros(vec.num_envs, dtype=bool)
+    for i, env in enumerate(vec.envs):
+        if alive[i]:
+            obs[i], reward[i], terminated[i], _, _ = env.step(actions[i])
+    return obs, reward, terminated
 
 
 @torch.no_grad()
@@ -54,8 +99,11 @@ def vector_rollout(
     seed: int,
 ) -> Episodes:
     """``trajectories`` episodes of ``horizon`` steps for each task -> padded ``Episodes``
-    ``[tasks, trajectories, horizon, ...]``. Steps after an episode terminates are masked out
-    (the vector env resets that copy on the next step; its data is ignored)."""
+    ``[tasks, trajectories, horizon, ...]``. Steps after an episode terminates are masked out.
+
+    Each chunk of ``num_envs`` episodes is recorded into its own ``[num_envs, horizon, ...]``
+    buffers and copied into the meta-batch's once, instead of scattering every step.
+    """
     n_envs = vec.num_envs
     total = len(tasks) * trajectories
     obs_dim = vec.single_observation_space.shape[0]
@@ -66,25 +114,38 @@ def vector_rollout(
     mask_buf = torch.zeros(total, horizon)
     for start in range(0, total, n_envs):
         rows = np.arange(start, start + n_envs) % total  # the last chunk wraps; duplicates are dropped
-        keep = torch.from_numpy(np.arange(start, start + n_envs) < total)
+        keep = np.arange(start, start + n_envs) < total
         task_index = torch.from_numpy(rows // trajectories)
         vec.set_attr("task", [tasks[i] for i in task_index.tolist()])
         obs, _ = vec.reset(seed=seed + start)
-        alive = torch.ones(n_envs)
+        act = policy(task_index)
+        c_obs = torch.zeros(n_envs, horizon, obs_dim)
+        c_act = torch.zeros(n_envs, horizon, act_dim)
+        c_rew = torch.zeros(n_envs, horizon)
+        c_mask = torch.zeros(n_envs, horizon)
+        alive = np.ones(n_envs, dtype=bool)
         for t in range(horizon):
-            o = torch.as_tensor(obs, dtype=torch.float32)
-            mean, log_std = policy(o, task_index)
+            o = torch.from_numpy(obs).float()
+            mean, log_std = act(o)
             noise = torch.randn(mean.shape, generator=generator)
             action = mean + torch.exp(log_std) * noise
-            obs, reward, terminated, _, _ = vec.step(action.numpy())
-            sel = torch.from_numpy(rows[keep.numpy()])
-            obs_buf[sel, t] = o[keep]
-            act_buf[sel, t] = action[keep]
-            rew_buf[sel, t] = (torch.as_tensor(reward, dtype=torch.float32) * alive)[keep]
-            mask_buf[sel, t] = alive[keep]
-            alive = alive * (1 - torch.as_tensor(terminated, dtype=torch.float32))
+            obs, reward, terminated = _step(vec, action.numpy(), alive)
+            alive_t = torch.from_numpy(alive).float()
+            c_obs[:, t] = o
+            c_act[:, t] = action
+            c_rew[:, t] = torch.from_numpy(reward).float() * alive_t
+            c_mask[:, t] = alive_t
+            alive = alive & ~np.asarray(terminated, dtype=bool)
             if not alive.any():
                 break
+        sel = torch.from_numpy(rows[keep])
+        keep_t = torch.from_numpy(keep)
+        obs_buf[sel], act_buf[sel], rew_buf[sel], mask_buf[sel] = (
+            c_obs[keep_t],
+            c_act[keep_t],
+            c_rew[keep_t],
+            c_mask[keep_t],
+        )
     shape = (len(tasks), trajectories, horizon)
     return Episodes(
         obs_buf.view(*shape, obs_dim), act_buf.view(*shape, act_dim), rew_buf.view(shape), mask_buf.view(shape)
