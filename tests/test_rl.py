@@ -238,6 +238,8 @@ def test_config_registered_and_checked():
     assert cfg.maml.inner_lr == 0.1 and cfg.algo.max_kl == 0.01
     with pytest.raises(config.ConfigError, match="models"):
         config.load("rl-navigation2d-tiny", ["models=[maml,bogus]"])
+    with pytest.raises(config.ConfigError, match="processes"):
+        config.load("rl-navigation2d-tiny", ["env.asynchronous=true", "env.processes=2"])
     with pytest.raises(config.ConfigError, match="learn_inner_lr"):
         config.load("rl-navigation2d-tiny", ["maml.learn_inner_lr=true"])
 

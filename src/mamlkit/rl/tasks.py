@@ -57,7 +57,7 @@ class MujocoTasks:
 
         self.env, self.oracle = env, oracle
         self.env_id, self.key, self.high = MUJOCO_IDS[env.name]
-        self.vec = make_vector_env(self.env_id, env.num_envs, env.asynchronous)
+        self.vec = make_vector_env(self.env_id, env.num_envs, env.asynchronous, env.processes)
         space = self.vec.single_observation_space
         self.obs_dim = space.shape[0] + (1 if oracle else 0)
         self.act_dim = self.vec.single_action_space.shape[0]
