@@ -15,7 +15,7 @@ from mamlkit.rl.baseline import discounted_returns, features, fit_linear_baselin
 from mamlkit.rl.navigation import Navigation2DEnv, NavigationBatch, sample_goals
 from mamlkit.rl.policy import GaussianMLPPolicy, kl, log_prob, reinforce_loss
 from mamlkit.rl.sampler import advantages, policy_fn, rollout
-from mamlkit.rl.trpo import MetaTRPO, TaskData, conjugate_gradient
+from mamlkit.rl.trpo import MetaTRPO, TaskData, conjugate_gradient, conjugate_gradient_with_product
 
 # -- environment ------------------------------------------------------------------------------
 
@@ -119,6 +119,10 @@ def test_conjugate_gradient_solves_spd_system():
     b = torch.randn(6, dtype=torch.float64)
     x = conjugate_gradient(lambda v: h @ v, b, iters=10)
     assert torch.allclose(h @ x, b, atol=1e-8)
+    # The product TRPO's step size uses, accumulated from CG's own products, even when CG stops
+    # short of the solution (3 iterations), where it is not b.
+    x3, hx3 = conjugate_gradient_with_product(lambda v: h @ v, b, iters=3)
+    assert torch.allclose(hx3, h @ x3, atol=1e-10) and not torch.allclose(hx3, b, atol=1e-3)
 
 
 def test_gaussian_kl_and_log_prob():
@@ -181,6 +185,13 @@ def test_kl_hvp_is_the_hessian_of_the_kl_through_the_inner_step():
     exact = torch.cat([x.reshape(-1) for x in torch.autograd.grad(grad @ v, leaves)])
     fast = trpo.kl_hvp(data, params, create_graph=True)(v) - trpo.cg_damping * v
     assert torch.allclose(fast, exact, rtol=1e-6, atol=1e-10)
+    # As ``step`` uses it: on the surrogate's graph, after the meta-gradient's backward pass.
+    outputs = trpo.policy_outputs(data, params, create_graph=True)
+    surr, _ = trpo.surrogate_and_kl(data, outputs)
+    torch.autograd.grad(surr, leaves, retain_graph=True)
+    shared = trpo.kl_hvp(data, params, create_graph=True, outputs=outputs)
+    assert torch.allclose(shared(v) - trpo.cg_damping * v, exact, rtol=1e-6, atol=1e-10)
+    assert torch.allclose(shared(2 * v) - trpo.cg_damping * 2 * v, 2 * exact, rtol=1e-6, atol=1e-10)  # reusable
 
 
 def test_meta_gradient_matches_finite_differences():
@@ -227,6 +238,8 @@ def test_config_registered_and_checked():
     assert cfg.maml.inner_lr == 0.1 and cfg.algo.max_kl == 0.01
     with pytest.raises(config.ConfigError, match="models"):
         config.load("rl-navigation2d-tiny", ["models=[maml,bogus]"])
+    with pytest.raises(config.ConfigError, match="processes"):
+        config.load("rl-navigation2d-tiny", ["env.asynchronous=true", "env.processes=2"])
     with pytest.raises(config.ConfigError, match="learn_inner_lr"):
         config.load("rl-navigation2d-tiny", ["maml.learn_inner_lr=true"])
 

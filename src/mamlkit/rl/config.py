@@ -27,6 +27,12 @@ class RLEnvConfig:
     )
     num_envs: int = spec(8, low=1, doc="MuJoCo: environment copies stepped together (gymnasium vector API)")
     asynchronous: bool = spec(False, doc="MuJoCo: step the copies in worker processes (AsyncVectorEnv)")
+    processes: int = spec(
+        1,
+        low=1,
+        doc="MuJoCo: processes that step the copies together, this one included (the copies are split "
+        "evenly; one message per worker and step); 1 = all in this process",
+    )
 
 
 @dataclass
@@ -94,5 +100,7 @@ class RLConfig:
             )
         if self.maml.inner_steps < 1 and "maml" in self.models:
             raise ConfigError("maml.inner_steps: MAML needs at least 1 inner step")
+        if self.env.asynchronous and self.env.processes > 1:
+            raise ConfigError("env.asynchronous and env.processes > 1 exclude each other; choose one")
         if not self.eval.inner_lrs or any(lr < 0 for lr in self.eval.inner_lrs):
             raise ConfigError(f"eval.inner_lrs: expected non-negative step sizes, got {self.eval.inner_lrs}")

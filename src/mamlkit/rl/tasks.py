@@ -57,7 +57,7 @@ class MujocoTasks:
 
         self.env, self.oracle = env, oracle
         self.env_id, self.key, self.high = MUJOCO_IDS[env.name]
-        self.vec = make_vector_env(self.env_id, env.num_envs, env.asynchronous)
+        self.vec = make_vector_env(self.env_id, env.num_envs, env.asynchronous, env.processes)
         space = self.vec.single_observation_space
         self.obs_dim = space.shape[0] + (1 if oracle else 0)
         self.act_dim = self.vec.single_action_space.shape[0]
@@ -78,8 +78,7 @@ class MujocoTasks:
 
         act = indexed_policy(fmodel, params)
         if self.oracle:
-            inner = act
-            act = lambda obs, i: inner(torch.cat([obs, tasks[i]], -1), i)  # noqa: E731
+            act = _with_task_in_obs(act, tasks)
         task_dicts = [{self.key: float(v)} for v in tasks[:, 0]]
         seed = int(torch.randint(2**31 - 1, (), generator=g))
         ep = vector_rollout(self.vec, act, task_dicts, trajectories, self.env.horizon, g, seed)
@@ -87,6 +86,16 @@ class MujocoTasks:
             extra = tasks[:, None, None, :].expand(*ep.obs.shape[:-1], tasks.shape[-1])
             ep = ep._replace(obs=torch.cat([ep.obs, extra], -1))
         return ep
+
+
+def _with_task_in_obs(bind, tasks: Tensor):
+    """The oracle's policy: each row's task appended to its observation."""
+
+    def bind_oracle(task_index: Tensor):
+        act, extra = bind(task_index), tasks[task_index]
+        return lambda obs: act(torch.cat([obs, extra], -1))
+
+    return bind_oracle
 
 
 def make_tasks(env: RLEnvConfig, oracle: bool = False) -> NavigationTasks | MujocoTasks:
