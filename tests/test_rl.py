@@ -3,19 +3,20 @@ inner step (KL bound, Hessian-vector products, meta-gradient) and the experiment
 
 import json
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
-from mamlkit import cli, config
-from mamlkit.engine import MAML
-from mamlkit.rl import envs
-from mamlkit.rl.baseline import discounted_returns, features, fit_linear_baseline, gae
-from mamlkit.rl.navigation import Navigation2DEnv, NavigationBatch, sample_goals
-from mamlkit.rl.policy import GaussianMLPPolicy, kl, log_prob, reinforce_loss
-from mamlkit.rl.sampler import advantages, policy_fn, rollout
-from mamlkit.rl.trpo import MetaTRPO, TaskData, conjugate_gradient, conjugate_gradient_with_product
+gym = pytest.importorskip("gymnasium")  # the rl extra; the engine's tests run without it
+
+from mamlkit import cli, config  # noqa: E402
+from mamlkit.engine import MAML  # noqa: E402
+from mamlkit.rl import envs  # noqa: E402
+from mamlkit.rl.baseline import discounted_returns, features, fit_linear_baseline, gae  # noqa: E402
+from mamlkit.rl.navigation import Navigation2DEnv, NavigationBatch, sample_goals  # noqa: E402
+from mamlkit.rl.policy import GaussianMLPPolicy, kl, log_prob, reinforce_loss  # noqa: E402
+from mamlkit.rl.sampler import advantages, policy_fn, rollout  # noqa: E402
+from mamlkit.rl.trpo import MetaTRPO, TaskData, conjugate_gradient, conjugate_gradient_with_product  # noqa: E402
 
 # -- environment ------------------------------------------------------------------------------
 

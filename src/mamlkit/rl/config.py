@@ -94,10 +94,10 @@ class RLConfig:
         lo, hi = self.env.goal_range if len(self.env.goal_range) == 2 else (1, 0)
         if not lo <= hi:
             raise ConfigError(f"env.goal_range: expected [low, high] with low <= high, got {self.env.goal_range}")
-        if self.maml.learn_inner_lr or self.maml.compile or self.maml.cuda_graphs:
-            raise ConfigError(
-                "maml.learn_inner_lr, maml.compile and maml.cuda_graphs are not supported by the RL experiment"
-            )
+        unsupported = ["learn_inner_lr", "compile", "cuda_graphs", "checkpoint_inner"]
+        if any(getattr(self.maml, k) for k in unsupported) or self.maml.autocast != "none":
+            names = ", ".join(f"maml.{k}" for k in [*unsupported, "autocast"])
+            raise ConfigError(f"{names} are not supported by the RL experiment")
         if self.maml.inner_steps < 1 and "maml" in self.models:
             raise ConfigError("maml.inner_steps: MAML needs at least 1 inner step")
         if self.env.asynchronous and self.env.processes > 1:
