@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import write_section
 
 from mamlkit import config
 from mamlkit.experiments import fewshot
@@ -143,12 +144,7 @@ def main() -> None:
     )
     print(text)
     if args.write:
-        old = args.write.read_text() if args.write.exists() else ""
-        if START in old and END in old:
-            new = old[: old.index(START)] + text + old[old.index(END) + len(END) :]
-        else:
-            new = old.rstrip() + "\n\n" + text + "\n"
-        args.write.write_text(new)
+        write_section(args.write, text, START, END)
 
 
 def _cpu() -> str:

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from report import write_section
+
 START, END = "<!-- inner-memory:start -->", "<!-- inner-memory:end -->"
 
 
@@ -148,12 +150,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        old = args.write.read_text() if args.write.exists() else ""
-        if START in old and END in old:
-            new = old[: old.index(START)] + text + old[old.index(END) + len(END) :]
-        else:
-            new = old.rstrip() + "\n\n" + text + "\n"
-        args.write.write_text(new)
+        write_section(args.write, text, START, END)
 
 
 if __name__ == "__main__":

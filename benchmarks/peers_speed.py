@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from report import write_section
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -481,17 +482,6 @@ def section(results: list[Result], args: argparse.Namespace, machine_line: str) 
             end,
         ]
     )
-
-
-def write_section(path: Path, text: str, start_mark: str, end_mark: str) -> None:
-    """Replace the marked section of ``path``, or append it (creating the file if needed)."""
-    old = path.read_text() if path.exists() else ""
-    start, end = old.find(start_mark), old.find(end_mark)
-    if start != -1 and end > start:
-        new = old[:start] + text + old[end + len(end_mark) :]
-    else:
-        new = old + ("\n\n" if old and not old.endswith("\n\n") else "") + text + "\n"
-    path.write_text(new)
 
 
 # -- main -------------------------------------------------------------------------------------------
