@@ -170,7 +170,7 @@ class MAML(nn.Module):
         grads = torch.func.grad(support_loss)(adapted)
         if not create_graph:
             grads = {n: g.detach() for n, g in grads.items()}
-        step = (lambda n: lr[_key(n)]) if isinstance(lr, nn.ParameterDict | dict) else (lambda n: lr)
+        step = _step_size(lr)
         return {**params, **{n: p - step(n) * grads[n] for n, p in adapted.items()}}
 
     def _autograd_inner_step(self, params: Params, inputs, targets, lr) -> Params:
@@ -178,7 +178,7 @@ class MAML(nn.Module):
         names = [n for n in self.adapted_names if params[n].requires_grad]
         loss = self.loss_fn(self.fmodel(params, inputs), targets)
         grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
-        step = (lambda n: lr[_key(n)]) if isinstance(lr, nn.ParameterDict | dict) else (lambda n: lr)
+        step = _step_size(lr)
         return {**params, **{n: params[n] - step(n) * g for n, g in zip(names, grads) if g is not None}}
 
     def _lrs(self, lr: StepSize, steps: int) -> list:
@@ -332,6 +332,11 @@ def _accumulate(tensors: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
+
+
+def _step_size(lr) -> Callable[[str], Any]:
+    """The step size of a parameter by name: one for all, or Meta-SGD's learned one per parameter."""
+    return (lambda n: lr[_key(n)]) if isinstance(lr, nn.ParameterDict | dict) else (lambda n: lr)
 
 
 def _check_running_stats(model: nn.Module) -> None:

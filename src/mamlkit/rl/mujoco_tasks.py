@@ -38,6 +38,12 @@ class _TaskMixin:
         rng = rng if rng is not None else self.np_random
         return [{self.key: float(v)} for v in self._sample(n, rng)]
 
+    def _start_with(self, task: dict | None) -> None:
+        """Task parameter 0 until a task is set; ``task`` set now if given."""
+        self._task = 0.0
+        if task is not None:
+            self.set_task(task)
+
     def set_task(self, task: dict) -> None:
         self._task = float(task[self.key])
 
@@ -77,9 +83,7 @@ class _Direction(_TaskMixin):
 class _Cheetah(HalfCheetahEnv):
     def __init__(self, task: dict | None = None, **kwargs):
         super().__init__(**kwargs)
-        self._task = 0.0
-        if task is not None:
-            self.set_task(task)
+        self._start_with(task)
 
     def step(self, action):
         obs, _, terminated, truncated, info = super().step(action)
@@ -93,9 +97,7 @@ class _Ant(AntEnv):
     def __init__(self, task: dict | None = None, **kwargs):
         kwargs = {"ctrl_cost_weight": 0.005, "healthy_reward": 0.05, "contact_cost_weight": 5e-4, **kwargs}
         super().__init__(**kwargs)
-        self._task = 0.0
-        if task is not None:
-            self.set_task(task)
+        self._start_with(task)
 
     def step(self, action):
         obs, _, terminated, truncated, info = super().step(action)
