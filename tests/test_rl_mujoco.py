@@ -60,7 +60,8 @@ def test_ant_rewards_and_termination():
         ctrl = -0.005 * np.square(a).sum()
         assert info["reward_ctrl"] == pytest.approx(ctrl, rel=1e-5)
         assert info["reward_survive"] == pytest.approx(0.05)
-        assert r == pytest.approx(-abs(info["x_velocity"] - 2.0) + 0.05 + ctrl + info["reward_contact"], rel=1e-5)
+        # the official AntVel adds 1 per step so that ending the episode early does not pay
+        assert r == pytest.approx(-abs(info["x_velocity"] - 2.0) + 1 + 0.05 + ctrl + info["reward_contact"], rel=1e-5)
     _, steps = run_steps("mamlkit/AntDir-v0", {"direction": -1.0})
     for a, _, r, _, _, info in steps:
         assert info["reward_forward"] == pytest.approx(-info["x_velocity"])
@@ -73,6 +74,30 @@ def test_ant_rewards_and_termination():
     qpos[2] = 1.5  # torso above the healthy range [0.2, 1.0]
     env.unwrapped.set_state(qpos, qvel)
     assert env.step(np.zeros(8))[2]
+
+
+@pytest.mark.parametrize("name", ["mamlkit/HalfCheetahDir-v0", "mamlkit/AntVel-v0"])
+def test_actions_are_clipped_to_the_bounds_before_the_step_and_its_costs(name):
+    """rllab's normalize() clips what the policy sends: an action past the bounds acts and costs
+    exactly as the clipped one."""
+    rng = np.random.default_rng(1)
+    a = 3 * rng.standard_normal((5, 8 if "Ant" in name else 6))
+    runs = []
+    for actions in (a, np.clip(a, -1, 1)):
+        env = gym.make(name)
+        env.reset(seed=0)
+        runs.append([env.step(x)[:2] for x in actions])
+    for (obs, r), (obs_c, r_c) in zip(*runs):
+        np.testing.assert_array_equal(obs, obs_c)
+        assert r == r_c
+
+
+def test_simulation_step_is_the_official_codes():
+    """rllab's models step 0.01 s (half-cheetah) and 0.02 s (ant) with no frame skip; gymnasium's 5
+    can be asked for."""
+    assert gym.make("mamlkit/HalfCheetahVel-v0").unwrapped.dt == pytest.approx(0.01)
+    assert gym.make("mamlkit/AntDir-v0").unwrapped.dt == pytest.approx(0.02)
+    assert gym.make("mamlkit/AntDir-v0", frame_skip=5).unwrapped.dt == pytest.approx(0.05)
 
 
 def test_task_sampling_ranges():

@@ -138,13 +138,17 @@ def collect(cfg: RLConfig, learner: MAML, family, goals: torch.Tensor, g: torch.
 def train(cfg: RLConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> bool:
     """Train every model in ``cfg.models`` into ``run_dir/<kind>/``; False if interrupted."""
     run_dir = config_lib.start_run(cfg, run_dir, resume)  # also applies train.threads
+    limit = cfg.train.time_limit
+    deadline = time.monotonic() + limit if limit else float("inf")
     for i, kind in enumerate(cfg.models):
-        if not _train_one(cfg, run_dir / kind, kind, cfg.train.seed + i, resume, progress):
+        if not _train_one(cfg, run_dir / kind, kind, cfg.train.seed + i, resume, progress, deadline):
             return False
     return True
 
 
-def _train_one(cfg: RLConfig, out: Path, kind: str, seed: int, resume: bool, progress: bool) -> bool:
+def _train_one(
+    cfg: RLConfig, out: Path, kind: str, seed: int, resume: bool, progress: bool, deadline: float = float("inf")
+) -> bool:
     torch.manual_seed(seed)
     family = make_tasks(cfg.env, oracle=kind == "oracle")
     learner = make_learner(cfg, kind, family)
@@ -193,6 +197,8 @@ def _train_one(cfg: RLConfig, out: Path, kind: str, seed: int, resume: bool, pro
                 key = "return_post" if "return_post" in info else "return"
                 bar.set_postfix({key: f"{info[key]:.1f}"}, refresh=False)
                 bar.update(1)
+                if time.monotonic() > deadline and iteration < iterations:
+                    stop.set()
                 if iteration % cfg.train.checkpoint_every == 0 or iteration == iterations or stop.is_set():
                     save()
                 if stop.is_set():

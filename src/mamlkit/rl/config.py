@@ -25,6 +25,12 @@ class RLEnvConfig:
         doc="navigation: the policy acts in [-1, 1], scaled by max_action then clipped (rllab's normalize(), "
         "as in cbfinn/maml_rl's point env); false = its action is clipped directly to +-max_action",
     )
+    frame_skip: int = spec(
+        0,
+        low=0,
+        doc="MuJoCo: simulator steps per environment step; 0 = the official code's (rllab's models: "
+        "half-cheetah 1 = 0.01 s, ant 2 = 0.02 s); gymnasium's own default is 5",
+    )
     num_envs: int = spec(8, low=1, doc="MuJoCo: environment copies stepped together (gymnasium vector API)")
     asynchronous: bool = spec(False, doc="MuJoCo: step the copies in worker processes (AsyncVectorEnv)")
     processes: int = spec(
@@ -64,6 +70,12 @@ class RLTrainConfig:
     seed: int = spec(0, doc="seed of the initialisation, the task stream and the action noise")
     device: str = spec("cpu", doc="torch device: cpu, cuda, ... or auto")
     threads: int = spec(0, low=0, doc="torch.set_num_threads during training; 0 = leave torch's default")
+    time_limit: float = spec(
+        0.0,
+        low=0.0,
+        doc="seconds of training (all models together) after which it stops as Ctrl-C does, with a "
+        "checkpoint that --resume continues; 0 = no limit",
+    )
 
 
 @dataclass

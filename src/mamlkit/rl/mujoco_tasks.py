@@ -6,11 +6,23 @@ Rewards replace gymnasium's forward reward and keep its other terms:
 
 - HalfCheetahVel: ``-|v_x - goal| - 0.05 ||a||²``, goal ~ U[0, 2]
 - HalfCheetahDir: ``d * v_x - 0.05 ||a||²``, d = ±1 with equal probability
-- AntVel: ``-|v_x - goal| + 0.05 - 0.005 ||a||² - 0.0005 ||clip(cfrc_ext, -1, 1)||²``, goal ~ U[0, 3]
-- AntDir: ``d * v_x`` plus the same survival bonus and costs
+- AntVel: ``-|v_x - goal| + 1 + 0.05 - 0.005 ||a||² - 0.0005 ||clip(cfrc_ext, -1, 1)||²``, goal ~ U[0, 3]
+- AntDir: ``d * v_x`` plus the same survival bonus and costs (no +1)
 
-The ant's weights are rllab's (used by cbfinn/maml_rl): survival 0.05 and control 0.5 · 1e-2,
-not gymnasium's defaults (1.0 and 0.5); its contact weight (5e-4) is gymnasium's too.
+Where gymnasium's defaults differ from the official code (cbfinn/maml_rl on rllab), these
+environments follow the official code:
+
+- The simulation step is rllab's: its model files have no frame skip, so one step is one
+  MuJoCo step of 0.01 s (half-cheetah) or 0.02 s (ant), where gymnasium steps 0.05 s (5 × 0.01).
+  On gymnasium's models that is ``frame_skip`` 1 and 2. With gymnasium's 5, a 200-step episode
+  lasts 5× (2.5×) longer, and a random ant leaves the healthy height range in ~60 steps instead
+  of running ~195 (measured; see RESULTS.md). ``frame_skip`` can still be passed.
+- Actions are clipped to the action bounds before the step, costs included (rllab's
+  ``normalize`` wrapper clips what the policy sends); the Gaussian policy's samples go past them.
+- AntVel adds 1 per step to the velocity term ("make it happy, not suicidal" in the official
+  code): without it every step costs, and ending the episode early pays.
+- The ant's weights are rllab's: survival 0.05 and control 0.5 · 1e-2, not gymnasium's defaults
+  (1.0 and 0.5); its contact weight (5e-4) is gymnasium's too.
 
 The ant episode ends when the torso height leaves [0.2, 1.0] (Ant-v5's default healthy range).
 Gymnasium's observations and contact model differ from rllab's (see PAPER.md): returns are
@@ -24,6 +36,8 @@ from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
 CHEETAH_CTRL = 0.05  # the paper's 0.05 ||a||² (rllab: 0.5 * 0.1)
+CHEETAH_FRAME_SKIP = 1  # rllab's half_cheetah.xml: timestep 0.01, no frame skip
+ANT_FRAME_SKIP = 2  # rllab's ant.xml: timestep 0.02, no frame skip; gymnasium's model: 0.01
 
 
 class _TaskMixin:
@@ -66,8 +80,10 @@ class _Velocity(_TaskMixin):
     def _sample(self, n, rng):
         return rng.uniform(0.0, self.high, size=n)
 
+    offset = 0.0
+
     def forward_reward(self, v: float) -> float:
-        return -abs(v - self._task)
+        return -abs(v - self._task) + self.offset
 
 
 class _Direction(_TaskMixin):
@@ -80,12 +96,17 @@ class _Direction(_TaskMixin):
         return self._task * v
 
 
+def _clip(env, action) -> np.ndarray:
+    return np.clip(action, env.action_space.low, env.action_space.high)
+
+
 class _Cheetah(HalfCheetahEnv):
     def __init__(self, task: dict | None = None, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{"frame_skip": CHEETAH_FRAME_SKIP, **kwargs})
         self._start_with(task)
 
     def step(self, action):
+        action = _clip(self, action)
         obs, _, terminated, truncated, info = super().step(action)
         ctrl = CHEETAH_CTRL * float(np.square(action).sum())
         reward = self.forward_reward(info["x_velocity"]) - ctrl
@@ -95,11 +116,12 @@ class _Cheetah(HalfCheetahEnv):
 
 class _Ant(AntEnv):
     def __init__(self, task: dict | None = None, **kwargs):
-        kwargs = {"ctrl_cost_weight": 0.005, "healthy_reward": 0.05, "contact_cost_weight": 5e-4, **kwargs}
-        super().__init__(**kwargs)
+        rllab = {"frame_skip": ANT_FRAME_SKIP, "ctrl_cost_weight": 0.005, "healthy_reward": 0.05, "contact_cost_weight": 5e-4}
+        super().__init__(**{**rllab, **kwargs})
         self._start_with(task)
 
     def step(self, action):
+        action = _clip(self, action)
         obs, _, terminated, truncated, info = super().step(action)
         forward = self.forward_reward(info["x_velocity"])
         reward = forward + info["reward_survive"] + info["reward_ctrl"] + info["reward_contact"]
@@ -119,6 +141,7 @@ class AntVelEnv(_Velocity, _Ant):
     """Ant running at a goal velocity ~ U[0, 3]."""
 
     high = 3.0
+    offset = 1.0
 
 
 class AntDirEnv(_Direction, _Ant):

@@ -57,7 +57,8 @@ class MujocoTasks:
 
         self.env, self.oracle = env, oracle
         self.env_id, self.key, self.high = MUJOCO_IDS[env.name]
-        self.vec = make_vector_env(self.env_id, env.num_envs, env.asynchronous, env.processes)
+        kwargs = {"frame_skip": env.frame_skip} if env.frame_skip else {}
+        self.vec = make_vector_env(self.env_id, env.num_envs, env.asynchronous, env.processes, **kwargs)
         space = self.vec.single_observation_space
         self.obs_dim = space.shape[0] + (1 if oracle else 0)
         self.act_dim = self.vec.single_action_space.shape[0]
