@@ -116,7 +116,12 @@ class _Cheetah(HalfCheetahEnv):
 
 class _Ant(AntEnv):
     def __init__(self, task: dict | None = None, **kwargs):
-        rllab = {"frame_skip": ANT_FRAME_SKIP, "ctrl_cost_weight": 0.005, "healthy_reward": 0.05, "contact_cost_weight": 5e-4}
+        rllab = {
+            "frame_skip": ANT_FRAME_SKIP,
+            "ctrl_cost_weight": 0.005,
+            "healthy_reward": 0.05,
+            "contact_cost_weight": 5e-4,
+        }
         super().__init__(**{**rllab, **kwargs})
         self._start_with(task)
 
