@@ -272,3 +272,31 @@ def test_train_resume_eval_end_to_end(tmp_path):
     assert (out / "eval.md").exists()
     assert cli.main(["plot", str(out)]) == 0
     assert (out / "plots" / "return_vs_steps.png").exists()
+
+
+def test_time_limit_stops_with_a_resumable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "rl-navigation2d-tiny", "--out", str(out), "--quiet", "--set", "models=[maml]"]
+    assert cli.main([*args, "--set", "train.time_limit=1e-9"]) == 130
+    assert torch.load(out / "maml" / "checkpoint.pt", weights_only=False)["iteration"] == 1
+    assert cli.main([*args, "--resume"]) == 0
+    assert torch.load(out / "maml" / "checkpoint.pt", weights_only=False)["iteration"] == 2
+
+
+def test_eval_chooses_step_sizes_on_validation_tasks(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "rl-navigation2d-tiny", "--out", str(out), "--quiet", "--set", "models=[maml,oracle]"]) == 0
+    candidates = [0.05, 0.5, 2.0]
+    assert cli.main(["eval", str(out), "--set", f"eval.tune_inner_lrs={candidates}"]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    maml = res["models"]["maml"]
+    assert len(maml["inner_lrs"]) == res["eval"]["steps"] == len(maml["tuning"])
+    for lr, row in zip(maml["inner_lrs"], maml["tuning"]):
+        assert row[candidates.index(lr)] == max(row)  # each step takes its best candidate
+    assert res["models"]["oracle"]["tuning"] is None
+    assert "chosen among" in (out / "eval.md").read_text()
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--set", "eval.tune_inner_lrs=[0.1]", "--set", "eval.tune_seed=1000"]) == 2
+    assert "chosen on the test tasks" in capsys.readouterr().err
+    assert cli.main(["eval", str(out), "--set", "train.iterations=3"]) == 2
+    assert "only eval.* settings" in capsys.readouterr().err

@@ -46,7 +46,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     run_dir = Path(args.run_dir)
-    results = _experiment_of(run_dir).evaluate(run_dir, device=args.device)
+    results = _experiment_of(run_dir).evaluate(run_dir, device=args.device, overrides=args.set)
     print((run_dir / "eval.md").read_text() if (run_dir / "eval.md").exists() else results)
     print(f"written: {run_dir / 'eval.json'}, {run_dir / 'eval.md'}")
     return 0
@@ -74,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a trained run (writes eval.json and eval.md)")
     e.add_argument("run_dir")
     e.add_argument("--device", help="evaluate on this device instead of the training one")
+    e.add_argument(
+        "--set", action="append", default=[], metavar="eval.KEY=VALUE", help="change an eval setting, e.g. eval.steps=5"
+    )
     e.set_defaults(func=cmd_eval)
     pl = sub.add_parser("plot", help="draw a run's figures into RUN_DIR/plots/")
     pl.add_argument("run_dir")

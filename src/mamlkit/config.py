@@ -254,6 +254,16 @@ def build(raw: dict):
     return cfg
 
 
+def override_eval(cfg, overrides: list[str] = ()):
+    """``cfg`` with ``eval.*`` overrides applied: what ``mamlkit eval --set`` may change."""
+    if not overrides:
+        return cfg
+    bad = [o for o in overrides if not o.strip().startswith("eval.")]
+    if bad:
+        raise ConfigError(f"--set {bad[0]!r}: only eval.* settings can change at evaluation; train a new run for others")
+    return build(apply_overrides(to_dict(cfg), list(overrides)))
+
+
 def load(preset_or_path: str, overrides: list[str] = ()):
     return build(apply_overrides(load_raw(preset_or_path), list(overrides)))
 
@@ -321,6 +331,11 @@ def _coerce(key: str, value: Any, tp) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -220,12 +220,28 @@ def load_learner(run_dir: str | Path, kind: str, device: str | None = None, task
     return learner, cfg, state["iteration"]
 
 
+def _adapt_all(cfg: RLConfig, learner: MAML, ep, params: list[Params], lr: float) -> list[Params]:
+    """One REINFORCE step per task on its episodes ``ep``."""
+    adv = _advantages(cfg, ep)
+    return [
+        detach(learner.adapt(ep.obs[i], (ep.actions[i], adv[i], ep.mask[i]), steps=1, lr=lr, params=params[i]))
+        for i in range(len(params))
+    ]
+
+
 def adaptation_returns(
-    cfg: RLConfig, learner: MAML, family, goals: torch.Tensor, steps: int, g: torch.Generator
+    cfg: RLConfig,
+    learner: MAML,
+    family,
+    goals: torch.Tensor,
+    steps: int,
+    g: torch.Generator,
+    lrs: list[float] | None = None,
 ) -> torch.Tensor:
     """Mean return per task ``[tasks, steps + 1]`` after 0..``steps`` REINFORCE steps, each on
-    ``eval.trajectories`` fresh trajectories of the current policy (step sizes ``eval.inner_lrs``)."""
-    lrs = cfg.eval.inner_lrs
+    ``eval.trajectories`` fresh trajectories of the current policy (step sizes ``lrs``, the last
+    one repeating; default ``eval.inner_lrs``)."""
+    lrs = lrs or cfg.eval.inner_lrs
     params: list[Params] = [detach(learner.params())] * len(goals)
     out = []
     for s in range(steps + 1):
@@ -233,18 +249,38 @@ def adaptation_returns(
         out.append(ep.returns().mean(1))
         if s == steps:
             break
-        adv = _advantages(cfg, ep)
-        lr = lrs[min(s, len(lrs) - 1)]
-        params = [
-            detach(learner.adapt(ep.obs[i], (ep.actions[i], adv[i], ep.mask[i]), steps=1, lr=lr, params=params[i]))
-            for i in range(len(goals))
-        ]
+        params = _adapt_all(cfg, learner, ep, params, lrs[min(s, len(lrs) - 1)])
     return torch.stack(out, 1)
 
 
-def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = True) -> dict:
+def tune_inner_lrs(cfg: RLConfig, learner: MAML, family, steps: int) -> tuple[list[float], list[list[float]]]:
+    """Step sizes chosen among ``eval.tune_inner_lrs`` on validation tasks (``eval.tune_seed``),
+    greedily: step s takes the candidate whose adapted policies return most, given the sizes
+    already chosen. Returns ``(sizes, mean return of every candidate at every step)``."""
+    e = cfg.eval
+    goals = family.sample(e.num_tasks, torch.Generator().manual_seed(e.tune_seed)).to(cfg.train.device)
+    g = torch.Generator(cfg.train.device).manual_seed(e.tune_seed + 1)
+    params: list[Params] = [detach(learner.params())] * len(goals)
+    ep = family.rollout(learner.fmodel, params, goals, e.trajectories, g)
+    chosen, table = [], []
+    for _ in range(steps):
+        trials = []
+        for lr in e.tune_inner_lrs:
+            adapted = _adapt_all(cfg, learner, ep, params, lr)
+            trial_ep = family.rollout(learner.fmodel, adapted, goals, e.trajectories, g)
+            trials.append((trial_ep.returns().mean().item(), lr, adapted, trial_ep))
+        table.append([t[0] for t in trials])
+        _, lr, params, ep = max(trials, key=lambda t: t[0])
+        chosen.append(lr)
+    return chosen, table
+
+
+def evaluate(
+    run_dir: str | Path, device: str | None = None, progress: bool = True, overrides: list[str] = ()
+) -> dict:
     """Returns on ``eval.num_tasks`` fixed test tasks after 0..``eval.steps`` gradient steps for each
-    trained model (mean ± 95% CI over tasks); the oracle takes no step. Writes eval.json, eval.md."""
+    trained model (mean ± 95% CI over tasks); the oracle takes no step. With ``eval.tune_inner_lrs``
+    each model's step sizes are first chosen on validation tasks. Writes eval.json, eval.md."""
     run_dir = Path(run_dir)
     kinds = [k for k in KINDS if (run_dir / k / "checkpoint.pt").exists()]
     if not kinds:
@@ -254,6 +290,7 @@ def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = Tr
         cfg = config_lib.build(ckpt.load(run_dir / kind / "checkpoint.pt")["config"])
         family = make_tasks(cfg.env, oracle=kind == "oracle")
         learner, cfg, iteration = load_learner(run_dir, kind, device, family)
+        cfg = config_lib.override_eval(cfg, overrides)
         e = cfg.eval
         results["eval"] = config_lib.to_dict(cfg)["eval"]
         results["env"] = cfg.env.name
@@ -263,11 +300,16 @@ def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = Tr
         g = torch.Generator(cfg.train.device).manual_seed(e.seed + 1)
         t0 = time.perf_counter()
         steps = 0 if kind == "oracle" else e.steps
-        returns = adaptation_returns(cfg, learner, family, goals.to(cfg.train.device), steps, g)
+        lrs, tuning = list(e.inner_lrs), None
+        if e.tune_inner_lrs and steps:
+            lrs, tuning = tune_inner_lrs(cfg, learner, family, steps)
+        returns = adaptation_returns(cfg, learner, family, goals.to(cfg.train.device), steps, g, lrs)
         mean, ci = mean_ci(returns.cpu())
         results["models"][kind] = {
             "iterations": iteration,
             "first_order": cfg.maml.first_order if kind == "maml" else None,
+            "inner_lrs": lrs if steps else [],
+            "tuning": tuning,
             "returns": mean.tolist(),
             "ci95": ci.tolist(),
             "per_task": returns.cpu().tolist(),
@@ -282,20 +324,27 @@ def format_table(results: dict) -> str:
     """Markdown: mean return ± 95% CI per model after each number of gradient steps, beside the paper."""
     models = results["models"]
     steps = max(len(m["returns"]) for m in models.values())
+    e = results["eval"]
+    sizes = (
+        f"step sizes chosen among {e['tune_inner_lrs']} on {e['num_tasks']} validation tasks (seed {e['tune_seed']})"
+        if e.get("tune_inner_lrs")
+        else f"step sizes {e['inner_lrs']}"
+    )
     head = (
-        f"Mean return on {results['eval']['num_tasks']} test tasks (± 95% CI over tasks), "
-        f"{results['eval']['trajectories']} trajectories per step, step sizes {results['eval']['inner_lrs']}; "
+        f"Mean return on {e['num_tasks']} test tasks (± 95% CI over tasks), "
+        f"{e['trajectories']} trajectories per step, {sizes}; "
         "the oracle takes no step. Paper: cbfinn/maml_rl result files.\n\n"
-        "| model | meta-iterations | " + " | ".join(f"{s} steps" for s in range(steps)) + " |\n"
-        "|---|---|" + "---|" * steps + "\n"
+        "| model | meta-iterations | step sizes | " + " | ".join(f"{s} steps" for s in range(steps)) + " |\n"
+        "|---|---|---|" + "---|" * steps + "\n"
     )
     lines = []
     for kind, m in models.items():
         cells = [f"{r:.2f} ± {c:.2f}" for r, c in zip(m["returns"], m["ci95"])] + [""] * (steps - len(m["returns"]))
-        lines.append(f"| {LABELS[kind]} | {m['iterations']} | " + " | ".join(cells) + " |")
+        lrs = ", ".join(f"{x:g}" for x in m.get("inner_lrs", []))
+        lines.append(f"| {LABELS[kind]} | {m['iterations']} | {lrs} | " + " | ".join(cells) + " |")
     for kind, ref in results.get("paper", {}).items():
         cells = ["–" if r is None else f"{r:g}" for r in ref[:steps]] + [""] * (steps - len(ref[:steps]))
-        lines.append(f"| paper: {LABELS[kind]} | 500 (max) | " + " | ".join(cells) + " |")
+        lines.append(f"| paper: {LABELS[kind]} | 500 (max) | | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
 

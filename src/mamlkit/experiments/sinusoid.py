@@ -103,7 +103,9 @@ def test_tasks(cfg: SinusoidConfig, kind: str, n: int, k: int, seed: int) -> Tas
     return TaskBatch(sx[:, :k], sy[:, :k], qx, qy)
 
 
-def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = True) -> dict:
+def evaluate(
+    run_dir: str | Path, device: str | None = None, progress: bool = True, overrides: list[str] = ()
+) -> dict:
     """MSE after 0..steps gradient steps on K-shot support sets, for each trained model.
 
     The pretrained model's step size is tuned per K on held-out tasks (mean MSE over steps
@@ -116,6 +118,7 @@ def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = Tr
     results: dict = {"models": {}}
     for kind in kinds:
         learner, cfg = load_learner(run_dir, kind, device)
+        cfg = config_lib.override_eval(cfg, overrides)
         e = cfg.eval
         results["eval"] = config_lib.to_dict(cfg)["eval"]
         per_k = {}

@@ -85,6 +85,13 @@ class RLEvalConfig:
     trajectories: int = spec(20, low=1, doc="trajectories per task per gradient step")
     inner_lrs: list[float] = spec([0.1, 0.05], doc="step sizes of steps 1, 2, ...; the last one repeats")
     seed: int = spec(1000, doc="seed of the test tasks and of the action noise (shared by every model)")
+    tune_inner_lrs: list[float] = spec(
+        [],
+        doc="candidate step sizes: when given, each model's step sizes are chosen among them step by step "
+        "(greedily, highest mean return) on validation tasks drawn from tune_seed, then tested; "
+        "empty = use inner_lrs",
+    )
+    tune_seed: int = spec(2000, doc="seed of the validation tasks that tune_inner_lrs chooses on (not the test seed)")
 
 
 @dataclass
@@ -112,6 +119,10 @@ class RLConfig:
             raise ConfigError(f"{names} are not supported by the RL experiment")
         if self.maml.inner_steps < 1 and "maml" in self.models:
             raise ConfigError("maml.inner_steps: MAML needs at least 1 inner step")
+        if any(lr <= 0 for lr in self.eval.tune_inner_lrs):
+            raise ConfigError(f"eval.tune_inner_lrs: step sizes must be positive, got {self.eval.tune_inner_lrs}")
+        if self.eval.tune_inner_lrs and self.eval.tune_seed == self.eval.seed:
+            raise ConfigError("eval.tune_seed equals eval.seed: step sizes would be chosen on the test tasks")
         if self.env.asynchronous and self.env.processes > 1:
             raise ConfigError("env.asynchronous and env.processes > 1 exclude each other; choose one")
         if not self.eval.inner_lrs or any(lr < 0 for lr in self.eval.inner_lrs):
