@@ -285,7 +285,8 @@ def test_time_limit_stops_with_a_resumable_checkpoint(tmp_path):
 
 def test_eval_chooses_step_sizes_on_validation_tasks(tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main(["train", "rl-navigation2d-tiny", "--out", str(out), "--quiet", "--set", "models=[maml,oracle]"]) == 0
+    args = ["train", "rl-navigation2d-tiny", "--out", str(out), "--quiet", "--set", "models=[maml,oracle]"]
+    assert cli.main(args) == 0
     candidates = [0.05, 0.5, 2.0]
     assert cli.main(["eval", str(out), "--set", f"eval.tune_inner_lrs={candidates}"]) == 0
     res = json.loads((out / "eval.json").read_text())
@@ -299,4 +300,4 @@ def test_eval_chooses_step_sizes_on_validation_tasks(tmp_path, capsys):
     assert cli.main(["eval", str(out), "--set", "eval.tune_inner_lrs=[0.1]", "--set", "eval.tune_seed=1000"]) == 2
     assert "chosen on the test tasks" in capsys.readouterr().err
     assert cli.main(["eval", str(out), "--set", "train.iterations=3"]) == 2
-    assert "only eval.* settings" in capsys.readouterr().err
+    assert "only eval.* settings change" in capsys.readouterr().err

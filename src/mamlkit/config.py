@@ -260,7 +260,7 @@ def override_eval(cfg, overrides: list[str] = ()):
         return cfg
     bad = [o for o in overrides if not o.strip().startswith("eval.")]
     if bad:
-        raise ConfigError(f"--set {bad[0]!r}: only eval.* settings can change at evaluation; train a new run for others")
+        raise ConfigError(f"--set {bad[0]!r}: only eval.* settings change at evaluation; train a new run for others")
     return build(apply_overrides(to_dict(cfg), list(overrides)))
 
 

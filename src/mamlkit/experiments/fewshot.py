@@ -138,9 +138,7 @@ def load_learner(run_dir: Path, which: str, device: str | None) -> tuple[MAML, F
     return learner, cfg, {"checkpoint": path.name, "iteration": state["iteration"], "val_acc": state.get("val_acc")}
 
 
-def evaluate(
-    run_dir: str | Path, device: str | None = None, progress: bool = True, overrides: list[str] = ()
-) -> dict:
+def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = True, overrides: list[str] = ()) -> dict:
     """Test accuracy (mean ± 95% CI) after 0..steps steps, per query protocol; writes eval.json/eval.md."""
     run_dir = Path(run_dir)
     saved = config_lib.override_eval(config_lib.build(_read_config(run_dir)), overrides)

@@ -275,9 +275,7 @@ def tune_inner_lrs(cfg: RLConfig, learner: MAML, family, steps: int) -> tuple[li
     return chosen, table
 
 
-def evaluate(
-    run_dir: str | Path, device: str | None = None, progress: bool = True, overrides: list[str] = ()
-) -> dict:
+def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = True, overrides: list[str] = ()) -> dict:
     """Returns on ``eval.num_tasks`` fixed test tasks after 0..``eval.steps`` gradient steps for each
     trained model (mean ± 95% CI over tasks); the oracle takes no step. With ``eval.tune_inner_lrs``
     each model's step sizes are first chosen on validation tasks. Writes eval.json, eval.md."""

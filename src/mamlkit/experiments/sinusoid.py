@@ -103,9 +103,7 @@ def test_tasks(cfg: SinusoidConfig, kind: str, n: int, k: int, seed: int) -> Tas
     return TaskBatch(sx[:, :k], sy[:, :k], qx, qy)
 
 
-def evaluate(
-    run_dir: str | Path, device: str | None = None, progress: bool = True, overrides: list[str] = ()
-) -> dict:
+def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = True, overrides: list[str] = ()) -> dict:
     """MSE after 0..steps gradient steps on K-shot support sets, for each trained model.
 
     The pretrained model's step size is tuned per K on held-out tasks (mean MSE over steps
