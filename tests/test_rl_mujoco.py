@@ -13,7 +13,9 @@ gym = pytest.importorskip("gymnasium")
 from mamlkit import cli  # noqa: E402
 from mamlkit.engine.functional import FunctionalModel  # noqa: E402
 from mamlkit.rl import envs  # noqa: E402
+from mamlkit.rl.config import RLEnvConfig  # noqa: E402
 from mamlkit.rl.policy import GaussianMLPPolicy  # noqa: E402
+from mamlkit.rl.tasks import make_tasks  # noqa: E402
 from mamlkit.rl.vector_sampler import (  # noqa: E402
     SplitVectorEnv,
     indexed_policy,
@@ -98,6 +100,10 @@ def test_simulation_step_is_the_official_codes():
     assert gym.make("mamlkit/HalfCheetahVel-v0").unwrapped.dt == pytest.approx(0.01)
     assert gym.make("mamlkit/AntDir-v0").unwrapped.dt == pytest.approx(0.02)
     assert gym.make("mamlkit/AntDir-v0", frame_skip=5).unwrapped.dt == pytest.approx(0.05)
+    for frame_skip, dt in ((0, 0.01), (5, 0.05)):  # the config's env.frame_skip reaches the vector env
+        family = make_tasks(RLEnvConfig(name="halfcheetah_dir", num_envs=1, frame_skip=frame_skip))
+        assert family.vec.get_attr("dt")[0] == pytest.approx(dt)
+        family.vec.close()
 
 
 def test_task_sampling_ranges():
