@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .training.metrics import read_metrics  # noqa: E402
 
@@ -42,6 +43,7 @@ def steps_curves(ax, series: dict[str, tuple[list, list]], ylabel: str) -> None:
             color=line.get_color(),
             alpha=0.2,
         )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("number of gradient steps")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
