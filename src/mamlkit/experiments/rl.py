@@ -20,7 +20,7 @@ from ..engine.functional import Params, detach
 from ..rl.config import RLConfig
 from ..rl.policy import GaussianMLPPolicy, reinforce_loss
 from ..rl.sampler import advantages, policy_fn
-from ..rl.tasks import make_tasks
+from ..rl.tasks import MujocoTasks, NavigationTasks, make_tasks
 from ..rl.trpo import MetaTRPO, TaskData
 from ..training import RunExistsError, mean_ci
 from ..training import checkpoint as ckpt
@@ -210,14 +210,18 @@ def _train_one(
     return True
 
 
-def load_learner(run_dir: str | Path, kind: str, device: str | None = None, tasks=None) -> tuple[MAML, RLConfig, int]:
+def load_learner(
+    run_dir: str | Path, kind: str, device: str | None = None, overrides: list[str] = ()
+) -> tuple[MAML, RLConfig, int, NavigationTasks | MujocoTasks]:
+    """A trained model with its config (``eval.*`` overrides applied), iteration and task family."""
     state = ckpt.load(Path(run_dir) / kind / "checkpoint.pt")
-    cfg = config_lib.build(state["config"])
+    cfg = config_lib.override_eval(config_lib.build(state["config"]), overrides)
     if device:
         cfg.train.device = device
-    learner = make_learner(cfg, kind, tasks)
+    family = make_tasks(cfg.env, oracle=kind == "oracle")
+    learner = make_learner(cfg, kind, family)
     learner.load_state_dict(state["learner"])
-    return learner, cfg, state["iteration"]
+    return learner, cfg, state["iteration"], family
 
 
 def _adapt_all(cfg: RLConfig, learner: MAML, ep, params: list[Params], lr: float) -> list[Params]:
@@ -285,10 +289,7 @@ def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = Tr
         raise FileNotFoundError(f"{run_dir} holds no checkpoint (expected {run_dir}/maml/checkpoint.pt); train first")
     results: dict = {"models": {}}
     for kind in tqdm(kinds, desc="eval", disable=not progress):
-        cfg = config_lib.build(ckpt.load(run_dir / kind / "checkpoint.pt")["config"])
-        family = make_tasks(cfg.env, oracle=kind == "oracle")
-        learner, cfg, iteration = load_learner(run_dir, kind, device, family)
-        cfg = config_lib.override_eval(cfg, overrides)
+        learner, cfg, iteration, family = load_learner(run_dir, kind, device, overrides)
         e = cfg.eval
         results["eval"] = config_lib.to_dict(cfg)["eval"]
         results["env"] = cfg.env.name

@@ -76,11 +76,10 @@ class _TaskMixin:
 class _Velocity(_TaskMixin):
     key = "velocity"
     high = 2.0
+    offset = 0.0  # added to the velocity term every step
 
     def _sample(self, n, rng):
         return rng.uniform(0.0, self.high, size=n)
-
-    offset = 0.0
 
     def forward_reward(self, v: float) -> float:
         return -abs(v - self._task) + self.offset
