@@ -23,18 +23,17 @@ import time
 from pathlib import Path
 
 import torch
+from mamlkit.training.trainer import make_optimizer
 from report import write_section
 
-from mamlkit import config
-from mamlkit.experiments import fewshot
-from mamlkit.training.trainer import make_optimizer
+from mamlkit.experiments import fewshot, load_config
 
 START, END = "<!-- fewshot-speed:start -->", "<!-- fewshot-speed:end -->"
 
 
 def time_preset(preset: str, strategy: str, compile: bool, device: str, windows: int, per_window: int) -> dict:
     sets = [f"maml.strategy={strategy}", f"maml.compile={str(compile).lower()}", f"train.device={device}"]
-    cfg = config.load(preset, sets)
+    cfg = load_config(preset, sets)
     torch.manual_seed(0)
     learner = fewshot.make_learner(cfg)
     tasks = fewshot.make_tasks(cfg, fewshot.load_split(cfg, "train"), cfg.task.q_query)
@@ -76,7 +75,7 @@ def time_preset(preset: str, strategy: str, compile: bool, device: str, windows:
 
 
 def auto_choice(preset: str, device: str) -> str:
-    cfg = config.load(preset, ["maml.strategy=auto", f"train.device={device}"])
+    cfg = load_config(preset, ["maml.strategy=auto", f"train.device={device}"])
     learner = fewshot.make_learner(cfg)
     tasks = fewshot.make_tasks(cfg, fewshot.load_split(cfg, "train"), cfg.task.q_query)
     learner.meta_backward(tasks.batch(cfg.train.meta_batch_size, torch.Generator(device).manual_seed(0)))

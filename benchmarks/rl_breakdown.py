@@ -6,7 +6,7 @@ parts called inside it, so the rows add up to the iteration:
 
 - sampling: pre- and post-update rollouts (``family.rollout``)
 - advantages: returns, linear baseline fits, GAE
-- inner adaptation: every ``MAML.adapt`` (``collect``'s, and those TRPO builds through)
+- inner adaptation: every ``MAML.adapt`` (``sample_meta_batch``'s, and those TRPO builds through)
 - policy outputs: the post-update policy on the post-update observations (TRPO)
 - KL HVP set-up: the ``J^T u`` graph; conjugate gradient: the Hessian-vector products
 - line search: its surrogate and KL evaluations (minus their inner adaptations)
@@ -61,27 +61,28 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from mamlkit import config
-    from mamlkit.experiments import rl
+    from mamlkit.experiments import load_config, rl
+    from mamlkit.rl import metabatch
     from mamlkit.rl import trpo as trpo_mod
     from mamlkit.rl.tasks import make_tasks
 
-    cfg = config.load(args.preset, args.set)
+    cfg = load_config(args.preset, args.set)
     torch.manual_seed(cfg.train.seed)
     family = make_tasks(cfg.env)
     learner = rl.make_learner(cfg, "maml", family)
-    trpo = rl.make_trpo(cfg, learner)
+    update = rl.make_update(cfg, learner, family)
+    trpo = update.trpo
     g = torch.Generator().manual_seed(cfg.train.seed + 100)
 
     wrap(family, "rollout", "sampling")
-    wrap(rl, "_advantages", "advantages")
+    update.adv = timed("advantages", update.adv)
     wrap(learner, "adapt", "inner adaptation")
     wrap(trpo, "policy_outputs", "policy outputs (TRPO, incl. line search)")
     wrap(trpo, "kl_hvp", "KL HVP set-up")
     wrap(trpo_mod, "conjugate_gradient", "conjugate gradient (HVPs)")
     wrap(trpo_mod, "conjugate_gradient_with_product", "conjugate gradient (HVPs)")
     wrap(trpo, "line_search", "line search")
-    collect = timed("collect other", rl.collect)
+    collect = timed("collect other", metabatch.sample_meta_batch)
     step = timed("TRPO other (surrogate, meta-gradient)", trpo.step)
 
     for it in range(args.iterations):
@@ -89,7 +90,7 @@ def main() -> None:
         CALLS.clear()
         t0 = time.perf_counter()
         goals = family.sample(cfg.train.meta_batch_size, g)
-        tasks, info = collect(cfg, learner, family, goals, g)
+        tasks, info = collect(learner, family, goals, cfg.train.trajectories, update.adv, g)
         t1 = time.perf_counter()
         stats = step(tasks)
         t2 = time.perf_counter()

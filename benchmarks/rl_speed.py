@@ -83,23 +83,21 @@ def bench_mujoco(seconds: float, env_counts: list[int]) -> list[tuple[str, float
 
 
 def bench_meta_iteration(iterations: int) -> list[tuple[str, float]]:
-    from mamlkit import config
-    from mamlkit.experiments import rl
+    from mamlkit.experiments import load_config, rl
     from mamlkit.rl.tasks import make_tasks
 
     rows = []
     for first_order in (False, True):
-        cfg = config.load("rl-navigation2d", [f"maml.first_order={str(first_order).lower()}"])
+        cfg = load_config("rl-navigation2d", [f"maml.first_order={str(first_order).lower()}"])
         torch.manual_seed(0)
         family = make_tasks(cfg.env)
         learner = rl.make_learner(cfg, "maml", family)
-        trpo = rl.make_trpo(cfg, learner)
+        update = rl.make_update(cfg, learner, family)
         g = torch.Generator().manual_seed(0)
         times = []
         for _ in range(iterations):
             t0 = time.perf_counter()
-            tasks, _ = rl.collect(cfg, learner, family, family.sample(20, g), g)
-            trpo.step(tasks)
+            update.step(g)
             times.append(time.perf_counter() - t0)
         label = "first-order" if first_order else "second-order"
         rows.append(

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mamlkit import MAML, TaskBatch, cli, config
+from mamlkit.experiments import load_config
 from mamlkit.models import ADAPT_ALL_BUT_NORM, Conv4, MLPNet
 
 OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
@@ -65,19 +66,19 @@ def test_presets_for_every_cell_are_valid():
     }.items():
         for cell in cells:
             for variant in ("", "-first-order"):
-                cfg = config.load(f"{dataset}-{cell}{variant}")
+                cfg = load_config(f"{dataset}-{cell}{variant}")
                 assert cfg.maml.first_order == (variant == "-first-order")
                 assert cfg.task.n_way == int(cell.split("way")[0])
     assert {"omniglot-5way-1shot-mlp", "omniglot-5way-5shot-mlp"} <= set(names)
-    omni20 = config.load("omniglot-20way-1shot")
+    omni20 = load_config("omniglot-20way-1shot")
     assert (omni20.maml.inner_steps, omni20.train.meta_batch_size, omni20.maml.inner_lr) == (5, 16, 2.0)
-    mini = config.load("miniimagenet-5way-1shot")
+    mini = load_config("miniimagenet-5way-1shot")
     assert (mini.task.q_query, mini.maml.inner_steps, mini.data.rotate) == (15, 5, False)
 
 
 def test_model_and_dataset_must_agree():
     with pytest.raises(config.ConfigError, match="miniimagenet_conv4 expects data.dataset=miniimagenet"):
-        config.load("omniglot-5way-1shot", ["model.arch=miniimagenet_conv4"])
+        load_config("omniglot-5way-1shot", ["model.arch=miniimagenet_conv4"])
 
 
 def test_missing_data_is_named_with_the_fix(tmp_path, capsys, monkeypatch):

@@ -11,12 +11,16 @@ gym = pytest.importorskip("gymnasium")  # the rl extra; the engine's tests run w
 
 from mamlkit import cli, config  # noqa: E402
 from mamlkit.engine import MAML  # noqa: E402
+from mamlkit.experiments import CONFIGS, load_config  # noqa: E402
 from mamlkit.rl import envs  # noqa: E402
 from mamlkit.rl.baseline import discounted_returns, features, fit_linear_baseline, gae  # noqa: E402
+from mamlkit.rl.config import RLEnvConfig  # noqa: E402
+from mamlkit.rl.metabatch import advantage_fn, sample_meta_batch  # noqa: E402
 from mamlkit.rl.navigation import Navigation2DEnv, NavigationBatch, sample_goals  # noqa: E402
 from mamlkit.rl.policy import GaussianMLPPolicy, kl, log_prob, reinforce_loss  # noqa: E402
-from mamlkit.rl.sampler import advantages, policy_fn, rollout  # noqa: E402
-from mamlkit.rl.trpo import MetaTRPO, TaskData, conjugate_gradient, conjugate_gradient_with_product  # noqa: E402
+from mamlkit.rl.sampler import rollout  # noqa: E402
+from mamlkit.rl.tasks import NavigationTasks  # noqa: E402
+from mamlkit.rl.trpo import MetaTRPO, conjugate_gradient, conjugate_gradient_with_product  # noqa: E402
 
 # -- environment ------------------------------------------------------------------------------
 
@@ -138,41 +142,19 @@ def test_gaussian_kl_and_log_prob():
 
 
 def tiny_problem(first_order=False, dtype=torch.float64, tasks=3, seed=0):
-    """A float64 policy, sampled pre- and post-update batches, and MetaTRPO on them."""
+    """A float64 policy, a meta-batch sampled by the experiment's own functions, and MetaTRPO."""
     torch.manual_seed(seed)
     policy = GaussianMLPPolicy(2, 2, (8, 8)).to(dtype)
     with torch.no_grad():  # zero biases put every ReLU exactly on its kink at the start state (0, 0)
         for name, p in policy.named_parameters():
             if name.endswith("bias"):
                 p.uniform_(-0.1, 0.1)
-    maml = MAML(policy, reinforce_loss, inner_lr=0.1, strategy="loop")
-    trpo = MetaTRPO(maml, inner_lr=0.1, inner_steps=1, first_order=first_order, cg_iters=10)
+    maml = MAML(policy, reinforce_loss, inner_lr=0.1, first_order=first_order, strategy="loop")
+    trpo = MetaTRPO(maml, cg_iters=10)
     g = torch.Generator().manual_seed(seed)
-    env = NavigationBatch(sample_goals(tasks, g).to(dtype), 5)
-    theta = {k: v.detach() for k, v in maml.params().items()}
-    pre = rollout(policy_fn(maml.fmodel, theta), env, 12, g)
-    pre_adv = advantages(pre, 0.99, 1.0, True)
-    data, adapted = [], []
-    for i in range(tasks):
-        targets = (pre.actions[i], pre_adv[i], pre.mask[i])
-        adapted.append({k: v.detach() for k, v in maml.adapt(pre.obs[i], targets, steps=1, lr=0.1).items()})
-    post = rollout(policy_fn(maml.fmodel, adapted), env, 12, g)
-    post_adv = advantages(post, 0.99, 1.0, True)
-    old_mean, old_log_std = policy_fn(maml.fmodel, adapted)(post.obs)
-    for i in range(tasks):
-        targets = (pre.actions[i], pre_adv[i], pre.mask[i])
-        data.append(
-            TaskData(
-                pre.obs[i],
-                targets,
-                post.obs[i],
-                post.actions[i],
-                post_adv[i],
-                post.mask[i],
-                old_mean[i].detach(),
-                old_log_std[i].detach(),
-            )
-        )
+    family = NavigationTasks(RLEnvConfig(horizon=12, normalize_actions=False))
+    goals = sample_goals(tasks, g).to(dtype)
+    data, _ = sample_meta_batch(maml, family, goals, 5, advantage_fn(0.99, 1.0, True, 1e-5), g)
     return maml, trpo, data
 
 
@@ -212,7 +194,8 @@ def test_meta_gradient_matches_finite_differences():
     numeric = (at(1) - at(-1)) / (2 * eps)
     assert analytic == pytest.approx(numeric, rel=1e-5)
     # The first-order variant drops the inner step's Hessian, so it differs measurably.
-    fo_surr, _ = MetaTRPO(maml, inner_lr=0.1, inner_steps=1, first_order=True).objectives(data, params, False)
+    fo_maml = MAML(maml.model, reinforce_loss, inner_lr=0.1, first_order=True, strategy="loop")
+    fo_surr, _ = MetaTRPO(fo_maml).objectives(data, params, False)
     fo = torch.autograd.grad(fo_surr, list(params.values()))
     assert abs(sum((g * d).sum() for g, d in zip(fo, direction)).item() - numeric) > 1e-4 * abs(numeric)
 
@@ -234,15 +217,15 @@ def test_trpo_step_respects_the_kl_bound_and_improves(first_order):
 
 
 def test_config_registered_and_checked():
-    cfg = config.load("rl-navigation2d")
-    assert isinstance(cfg, config.EXPERIMENTS["rl"]) and cfg.train.meta_batch_size == 20
+    cfg = load_config("rl-navigation2d")
+    assert isinstance(cfg, CONFIGS["rl"]) and cfg.train.meta_batch_size == 20
     assert cfg.maml.inner_lr == 0.1 and cfg.algo.max_kl == 0.01
     with pytest.raises(config.ConfigError, match="models"):
-        config.load("rl-navigation2d-tiny", ["models=[maml,bogus]"])
+        load_config("rl-navigation2d-tiny", ["models=[maml,bogus]"])
     with pytest.raises(config.ConfigError, match="processes"):
-        config.load("rl-navigation2d-tiny", ["env.asynchronous=true", "env.processes=2"])
+        load_config("rl-navigation2d-tiny", ["env.asynchronous=true", "env.processes=2"])
     with pytest.raises(config.ConfigError, match="learn_inner_lr"):
-        config.load("rl-navigation2d-tiny", ["maml.learn_inner_lr=true"])
+        load_config("rl-navigation2d-tiny", ["maml.learn_inner_lr=true"])
 
 
 def test_train_resume_eval_end_to_end(tmp_path):

@@ -3,14 +3,15 @@
 import csv
 import json
 import math
+import time
 
 import pytest
 import torch
 
 from mamlkit import config
-from mamlkit.experiments import sinusoid
+from mamlkit.experiments import load_config, sinusoid
 from mamlkit.tasks import SinusoidTasks
-from mamlkit.training import RunExistsError, Trainer, mean_ci
+from mamlkit.training import AdamUpdate, RunExistsError, Trainer, mean_ci
 
 
 def small_cfg(**overrides):
@@ -26,7 +27,7 @@ def small_cfg(**overrides):
         "eval.tune_lrs": [0.001, 0.01],
         **overrides,
     }
-    return config.load("sinusoid", [f"{k}={v}" for k, v in sets.items()])
+    return load_config("sinusoid", [f"{k}={v}" for k, v in sets.items()])
 
 
 def test_sinusoid_tasks_follow_the_distribution():
@@ -81,13 +82,12 @@ def test_resume_continues_exactly(tmp_path):
         return Trainer(
             run_dir,
             learner,
-            sample or sinusoid.make_sampler(cfg, "maml", tasks),
+            AdamUpdate(learner, sample or sinusoid.make_sampler(cfg, "maml", tasks), meta_lr=1e-3),
             torch.Generator().manual_seed(1),
             iterations=40,
-            meta_lr=1e-3,
             checkpoint_every=20,
             log_every=10,
-            time_limit=time_limit,
+            deadline=time.monotonic() + time_limit if time_limit else float("inf"),
         )
 
     straight = trainer(tmp_path / "straight")
@@ -126,28 +126,28 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(config.ConfigError, match=r"unknown key 'train.iteratons'.*iterations"):
-        config.load("sinusoid", ["train.iteratons=5"])
+        load_config("sinusoid", ["train.iteratons=5"])
     with pytest.raises(config.ConfigError, match=r"maml.inner_lr: -1.0 out of range"):
-        config.load("sinusoid", ["maml.inner_lr=-1"])
+        load_config("sinusoid", ["maml.inner_lr=-1"])
     with pytest.raises(config.ConfigError, match=r"maml.strategy: 'fast' not allowed; choose from"):
-        config.load("sinusoid", ["maml.strategy=fast"])
+        load_config("sinusoid", ["maml.strategy=fast"])
     with pytest.raises(config.ConfigError, match=r"train.iterations: expected an integer"):
-        config.load("sinusoid", ["train.iterations=many"])
+        load_config("sinusoid", ["train.iterations=many"])
     with pytest.raises(config.ConfigError, match=r"unknown preset 'nope'"):
-        config.load("nope")
+        load_config("nope")
     with pytest.raises(config.ConfigError, match=r"task.amplitude: expected \[low, high\]"):
-        config.load("sinusoid", ["task.amplitude=[5, 1]"])
-    cfg = config.load("sinusoid", ["train.iterations=12", "maml.adapt=['2.*']"])
+        load_config("sinusoid", ["task.amplitude=[5, 1]"])
+    cfg = load_config("sinusoid", ["train.iterations=12", "maml.adapt=['2.*']"])
     assert cfg.train.iterations == 12 and cfg.maml.adapt == ["2.*"] and cfg.maml.inner_lr == 0.01
 
 
 def test_user_yaml_works_like_a_preset(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("experiment: sinusoid\ntrain:\n  iterations: 7\n")
-    assert config.load(str(path)).train.iterations == 7
+    assert load_config(str(path)).train.iterations == 7
     path.write_text("experiment: sinusoid\ntrain:\n  iterations: 0\n")
     with pytest.raises(config.ConfigError, match="train.iterations: 0 out of range"):
-        config.load(str(path))
+        load_config(str(path))
 
 
 def test_maml_learns_and_beats_pretrained(tmp_path):

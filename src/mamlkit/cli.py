@@ -35,7 +35,7 @@ def cmd_train(args) -> int:
         raw = yaml.safe_load(saved.read_text())
     else:
         raw = config_lib.load_raw(args.config)
-    cfg = config_lib.build(config_lib.apply_overrides(raw, args.set))
+    cfg = experiments.build_config(config_lib.apply_overrides(raw, args.set))
     exp = experiments.get(cfg.experiment)
     finished = exp.train(cfg, out, resume=args.resume, progress=not args.quiet)
     if not finished:

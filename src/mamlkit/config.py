@@ -7,7 +7,7 @@ naming the key and what it accepts.
 from __future__ import annotations
 
 import dataclasses
-import math
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .engine.maml import MAML
 
 
 class ConfigError(ValueError):
@@ -30,23 +32,41 @@ def spec(default, *, low=None, high=None, choices=None, doc: str = ""):
     return field(default=default, metadata=meta)
 
 
+def _engine_default(name: str):
+    """``MAML``'s own default for an option: the engine's signature is the one source of defaults."""
+    return inspect.signature(MAML).parameters[name].default
+
+
 @dataclass
 class MAMLConfig:
-    inner_lr: float = spec(0.01, low=0.0, doc="inner step size alpha")
-    inner_steps: int = spec(1, low=0, doc="inner gradient steps at training")
-    first_order: bool = spec(False, doc="drop second derivatives (FOMAML)")
-    learn_inner_lr: bool = spec(False, doc="Meta-SGD: learn a step size per parameter element")
-    adapt: list[str] | None = spec(None, doc="glob patterns of parameters the inner loop adapts; null = all")
-    strategy: str = spec("auto", choices=("auto", "loop", "vmap"), doc="how tasks of a meta-batch are computed")
-    compile: bool = spec(False, doc="run the meta-batch under torch.compile")
+    """``MAML``'s options: the field names are its keyword arguments (passed on whole with
+    ``kwargs_for``); the defaults are read from its signature; ranges and docs live here."""
+
+    inner_lr: float = spec(_engine_default("inner_lr"), low=0.0, doc="inner step size alpha")
+    inner_steps: int = spec(_engine_default("inner_steps"), low=0, doc="inner gradient steps at training")
+    first_order: bool = spec(_engine_default("first_order"), doc="drop second derivatives (FOMAML)")
+    learn_inner_lr: bool = spec(
+        _engine_default("learn_inner_lr"), doc="Meta-SGD: learn a step size per parameter element"
+    )
+    adapt: list[str] | None = spec(
+        _engine_default("adapt"), doc="glob patterns of parameters the inner loop adapts; null = all"
+    )
+    strategy: str = spec(
+        _engine_default("strategy"), choices=("auto", "loop", "vmap"), doc="how tasks of a meta-batch are computed"
+    )
+    compile: bool = spec(_engine_default("compile"), doc="run the meta-batch under torch.compile")
     cuda_graphs: bool = spec(
-        False, doc="with compile on CUDA, replay the meta-batch computation as a CUDA graph (fixed shapes)"
+        _engine_default("cuda_graphs"),
+        doc="with compile on CUDA, replay the meta-batch computation as a CUDA graph (fixed shapes)",
     )
     autocast: str = spec(
-        "none", choices=("none", "bf16"), doc="bf16 = meta-batch under torch.autocast in bfloat16 (GPU speed option)"
+        _engine_default("autocast"),
+        choices=("none", "bf16"),
+        doc="bf16 = meta-batch under torch.autocast in bfloat16 (GPU speed option)",
     )
     checkpoint_inner: bool = spec(
-        False, doc="recompute inner-step activations in the backward pass: less memory, more time (loop, eager)"
+        _engine_default("checkpoint_inner"),
+        doc="recompute inner-step activations in the backward pass: less memory, more time (loop, eager)",
     )
 
 
@@ -73,126 +93,7 @@ class TrainConfig:
     )
 
 
-@dataclass
-class SinusoidTaskConfig:
-    k_support: int = spec(10, low=1, doc="support points per task at training")
-    k_query: int = spec(10, low=1, doc="query points per task at training")
-    amplitude: list[float] = spec([0.1, 5.0], doc="[low, high] of the amplitude A")
-    phase: list[float] = spec([0.0, math.pi], doc="[low, high] of the phase phi")
-    x_range: list[float] = spec([-5.0, 5.0], doc="[low, high] of the inputs x")
-
-
-@dataclass
-class SinusoidModelConfig:
-    hidden: list[int] = spec([40, 40], doc="hidden layer widths of the ReLU MLP")
-    init: str = spec(
-        "official",
-        choices=("official", "torch"),
-        doc="official = weights ~ truncated N(0, 0.01²), zero biases (cbfinn/maml); torch = PyTorch defaults",
-    )
-
-
-@dataclass
-class SinusoidEvalConfig:
-    num_tasks: int = spec(600, low=1, doc="test tasks")
-    shots: list[int] = spec([5, 10, 20], doc="K values to evaluate")
-    steps: int = spec(10, low=0, doc="gradient steps at test")
-    query_points: int = spec(100, low=1, doc="held-out points per test task")
-    inner_lr: float | None = spec(None, low=0.0, doc="MAML step size at test; null = training step size")
-    seed: int = spec(1000, doc="seed of the test tasks (shared by every model)")
-    tune_tasks: int = spec(100, low=1, doc="held-out tasks on which the pretrained step size is tuned")
-    tune_lrs: list[float] = spec([0.001, 0.002, 0.005, 0.01, 0.02, 0.05], doc="step sizes tried for pretrained")
-
-
-@dataclass
-class SinusoidConfig:
-    experiment: str = spec("sinusoid", choices=("sinusoid",))
-    description: str = spec("", doc="one line shown by `mamlkit presets`")
-    models: list[str] = spec(["maml", "pretrained", "oracle"], doc="which of maml, pretrained, oracle to train")
-    model: SinusoidModelConfig = field(default_factory=SinusoidModelConfig)
-    maml: MAMLConfig = field(default_factory=MAMLConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    task: SinusoidTaskConfig = field(default_factory=SinusoidTaskConfig)
-    eval: SinusoidEvalConfig = field(default_factory=SinusoidEvalConfig)
-
-    def check(self) -> None:
-        _pair(self.task.amplitude, "task.amplitude")
-        _pair(self.task.phase, "task.phase")
-        _pair(self.task.x_range, "task.x_range")
-        unknown = set(self.models) - {"maml", "pretrained", "oracle"}
-        if unknown or not self.models:
-            raise ConfigError(f"models: {sorted(unknown) or 'empty'} not allowed; choose from maml, pretrained, oracle")
-        if any(k < 1 for k in self.eval.shots):
-            raise ConfigError(f"eval.shots: every K must be >= 1, got {self.eval.shots}")
-
-
-@dataclass
-class FewShotDataConfig:
-    dataset: str = spec("omniglot", choices=("omniglot", "miniimagenet"))
-    root: str | None = spec(None, doc="data directory; null = $MAMLKIT_OMNIGLOT_DIR / $MAMLKIT_MINIIMAGENET_DIR")
-    split_dir: str | None = spec(None, doc="MiniImagenet split CSVs when not beside images/; null = data.root")
-    cache_dir: str | None = spec(None, doc="preprocessed cache; null = $MAMLKIT_CACHE_DIR or ~/.cache/mamlkit")
-    resize: str = spec(
-        "nearest",
-        choices=("nearest", "lanczos"),
-        doc="Omniglot 28x28 resize: nearest = the official binary images, lanczos = gray levels",
-    )
-    rotate: bool = spec(True, doc="rotate each class of a task by a random multiple of 90 degrees (Omniglot)")
-
-
-@dataclass
-class FewShotTaskConfig:
-    n_way: int = spec(5, low=2, doc="classes per task")
-    k_shot: int = spec(1, low=1, doc="support examples per class")
-    q_query: int = spec(1, low=1, doc="query examples per class at training")
-
-
-@dataclass
-class FewShotModelConfig:
-    arch: str = spec("omniglot_conv4", choices=("omniglot_conv4", "miniimagenet_conv4", "mlp"))
-
-
-@dataclass
-class FewShotEvalConfig:
-    num_tasks: int = spec(600, low=1, doc="test tasks")
-    steps: int = spec(10, low=0, doc="gradient steps at test (accuracy reported after each)")
-    inner_lr: float | None = spec(None, low=0.0, doc="step size at test; null = training step size")
-    query: list[str] = spec(["paper", "modern"], doc="paper = K query examples per class, modern = 15")
-    task_batch: int = spec(32, low=1, doc="test tasks computed together")
-    checkpoint: str = spec("best", choices=("best", "last"), doc="best = chosen on validation accuracy")
-    seed: int = spec(2000, doc="seed of the test tasks")
-
-
-@dataclass
-class FewShotConfig:
-    experiment: str = spec("fewshot", choices=("fewshot",))
-    description: str = spec("", doc="one line shown by `mamlkit presets`")
-    data: FewShotDataConfig = field(default_factory=FewShotDataConfig)
-    task: FewShotTaskConfig = field(default_factory=FewShotTaskConfig)
-    model: FewShotModelConfig = field(default_factory=FewShotModelConfig)
-    maml: MAMLConfig = field(default_factory=MAMLConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: FewShotEvalConfig = field(default_factory=FewShotEvalConfig)
-
-    def check(self) -> None:
-        bad = set(self.eval.query) - {"paper", "modern"}
-        if bad or not self.eval.query:
-            raise ConfigError(f"eval.query: {sorted(bad) or 'empty'} not allowed; choose from paper, modern")
-        t = self.train
-        if t.validate_every and t.validate_every % t.log_every:
-            raise ConfigError(
-                f"train.validate_every ({t.validate_every}) must be a multiple of train.log_every ({t.log_every})"
-            )
-        if self.model.arch == "miniimagenet_conv4" and self.data.dataset != "miniimagenet":
-            raise ConfigError("model.arch miniimagenet_conv4 expects data.dataset=miniimagenet (84x84 RGB)")
-        if self.model.arch in ("omniglot_conv4", "mlp") and self.data.dataset != "omniglot":
-            raise ConfigError(f"model.arch {self.model.arch} expects data.dataset=omniglot (28x28 gray)")
-
-
-EXPERIMENTS: dict[str, type] = {"sinusoid": SinusoidConfig, "fewshot": FewShotConfig}
-
-
-def _pair(v: list[float], key: str) -> None:
+def check_pair(v: list[float], key: str) -> None:
     if len(v) != 2 or not v[0] <= v[1]:
         raise ConfigError(f"{key}: expected [low, high] with low <= high, got {v}")
 
@@ -240,32 +141,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def build(raw: dict):
-    """Validate a raw dict into the experiment's config dataclass."""
-    name = raw.get("experiment", "sinusoid")
-    if name not in EXPERIMENTS:
-        raise ConfigError(f"experiment: {name!r} not allowed; choose from {sorted(EXPERIMENTS)}")
-    cfg = _from_dict(EXPERIMENTS[name], raw, "")
-    cfg.check()
-    if cfg.train.device == "auto":
+def build(cls: type, raw: dict):
+    """Validate a raw dict into the config dataclass ``cls`` (its ``check()`` included)."""
+    cfg = _from_dict(cls, raw, "")
+    if hasattr(cfg, "check"):
+        cfg.check()
+    if getattr(getattr(cfg, "train", None), "device", None) == "auto":
         import torch
 
         cfg.train.device = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg
-
-
-def override_eval(cfg, overrides: list[str] = ()):
-    """``cfg`` with ``eval.*`` overrides applied: what ``mamlkit eval --set`` may change."""
-    if not overrides:
-        return cfg
-    bad = [o for o in overrides if not o.strip().startswith("eval.")]
-    if bad:
-        raise ConfigError(f"--set {bad[0]!r}: only eval.* settings change at evaluation; train a new run for others")
-    return build(apply_overrides(to_dict(cfg), list(overrides)))
-
-
-def load(preset_or_path: str, overrides: list[str] = ()):
-    return build(apply_overrides(load_raw(preset_or_path), list(overrides)))
 
 
 def to_dict(cfg) -> dict:
@@ -276,19 +161,11 @@ def dump(cfg, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def start_run(cfg, run_dir: Path, resume: bool) -> Path:
-    """Create ``run_dir``, save the resolved config in it and apply ``train.threads``; refuse to
-    reuse a run's directory without ``resume`` (its config and checkpoints stay as they were)."""
-    run_dir = Path(run_dir)
-    if (run_dir / "config.yaml").exists() and not resume:
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or --out for a new one")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump(cfg, run_dir / "config.yaml")
-    if cfg.train.threads:
-        import torch
-
-        torch.set_num_threads(cfg.train.threads)
-    return run_dir
+def kwargs_for(fn, section) -> dict:
+    """The fields of a config ``section`` that ``fn`` takes as keyword arguments, by name: a
+    section whose names are a constructor's (``MAMLConfig`` and ``MAML``) is passed on whole."""
+    names = inspect.signature(fn).parameters
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in names}
 
 
 def _from_dict(cls, raw: dict, prefix: str):
@@ -359,8 +236,3 @@ def _check_value(key: str, value: Any, meta) -> Any:
                 rng = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
                 raise ConfigError(f"{key}: {v!r} out of range; allowed {rng}")
     return value
-
-
-from .rl.config import RLConfig  # noqa: E402  (imported last: rl.config builds on the classes above)
-
-EXPERIMENTS["rl"] = RLConfig

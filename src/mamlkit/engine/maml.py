@@ -75,7 +75,7 @@ class MAML(nn.Module):
         compile: bool = False,
         cuda_graphs: bool = False,
         checkpoint_inner: bool = False,
-        autocast: str | None = None,
+        autocast: str | None = "none",
     ):
         super().__init__()
         if inner_steps < 0:

@@ -1,10 +1,22 @@
-"""The paper's experiments: each module offers train(cfg, run_dir), evaluate(run_dir) and plot(run_dir)."""
+"""The paper's experiments: each module offers ``train(cfg, run_dir)``, ``evaluate(run_dir)`` and
+``plot(run_dir)``, and only wires data, learner and outer update together."""
+
+from __future__ import annotations
 
 from importlib import import_module
+from pathlib import Path
+
+from ..config import kwargs_for
+from ..training import checkpoint as ckpt
+from .configs import CONFIGS, build_config, load_config, override_eval
+
+__all__ = ["CONFIGS", "build_config", "load_config", "override_eval", "get", "build_maml", "load_run"]
 
 
 def get(name: str):
     """The experiment module for a config's ``experiment`` key."""
+    if name not in CONFIGS:
+        raise ValueError(f"experiment: {name!r} unknown; choose from {sorted(CONFIGS)}")
     return import_module(f"{__name__}.{name}")
 
 
@@ -12,16 +24,17 @@ def build_maml(model, loss_fn, cfg, **overrides):
     """``MAML`` with the options of a ``maml:`` config section (``overrides`` win)."""
     from ..engine import MAML
 
-    options = dict(
-        inner_lr=cfg.inner_lr,
-        inner_steps=cfg.inner_steps,
-        first_order=cfg.first_order,
-        adapt=cfg.adapt,
-        learn_inner_lr=cfg.learn_inner_lr,
-        strategy=cfg.strategy,
-        compile=cfg.compile,
-        cuda_graphs=cfg.cuda_graphs,
-        checkpoint_inner=cfg.checkpoint_inner,
-        autocast=cfg.autocast,
-    )
-    return MAML(model, loss_fn, **{**options, **overrides})
+    return MAML(model, loss_fn, **{**kwargs_for(MAML, cfg), **overrides})
+
+
+def load_run(checkpoint: str | Path, device: str | None = None, overrides: list[str] = ()) -> tuple[object, dict]:
+    """A trained model's checkpoint and the config it was trained with, read once: returns
+    ``(cfg, state)`` with ``eval.*`` ``overrides`` applied, ``device`` (if given) as the device,
+    and compilation off (evaluation shapes vary; compiling them costs more than it saves).
+    The caller builds its learner from ``cfg`` and loads ``state["learner"]`` into it."""
+    state = ckpt.load(checkpoint)
+    cfg = override_eval(build_config(state["config"]), overrides)
+    if device:
+        cfg.train.device = device
+    cfg.maml.compile = cfg.maml.cuda_graphs = False
+    return cfg, state

@@ -10,15 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import config as config_lib
-from ..config import FewShotConfig
+from ..config import to_dict
 from ..engine import MAML
-from ..models import ADAPT_ALL_BUT_NORM, MLPNet, miniimagenet_conv4, omniglot_conv4
+from ..models import ADAPT_ALL_BUT_NORM, CLASSIFIERS
 from ..tasks.fewshot import FewShotTasks
-from ..training import Trainer, mean_ci
-from ..training import checkpoint as ckpt
-from ..training.trainer import BEST, CHECKPOINT
-from . import build_maml
+from ..training import BEST, CHECKPOINT, AdamUpdate, Trainer, mean_ci, start_run
+from ..training.runs import deadline, write_eval
+from . import build_maml, load_run
+from .configs import FewShotConfig
 
 MODERN_QUERY = 15
 
@@ -60,10 +59,7 @@ def make_tasks(cfg: FewShotConfig, images: Tensor, q_query: int) -> FewShotTasks
 
 
 def make_model(cfg: FewShotConfig) -> nn.Module:
-    n = cfg.task.n_way
-    return {"omniglot_conv4": omniglot_conv4, "miniimagenet_conv4": miniimagenet_conv4, "mlp": MLPNet}[cfg.model.arch](
-        n
-    )
+    return CLASSIFIERS[cfg.model.arch](cfg.task.n_way)
 
 
 def make_learner(cfg: FewShotConfig) -> MAML:
@@ -88,7 +84,7 @@ def _test_lr(cfg: FewShotConfig):
 
 
 def train(cfg: FewShotConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> bool:
-    run_dir = config_lib.start_run(cfg, run_dir, resume)
+    run_dir = start_run(cfg, run_dir, resume)
     t = cfg.train
     torch.manual_seed(t.seed)
     learner = make_learner(cfg)
@@ -109,30 +105,31 @@ def train(cfg: FewShotConfig, run_dir: str | Path, resume: bool = False, progres
     trainer = Trainer(
         run_dir,
         learner,
-        lambda g: train_tasks.batch(t.meta_batch_size, g),
+        AdamUpdate(learner, lambda g: train_tasks.batch(t.meta_batch_size, g), t.meta_lr, t.grad_clip),
         generator,
         iterations=t.iterations,
-        meta_lr=t.meta_lr,
         checkpoint_every=t.checkpoint_every,
         log_every=t.log_every,
-        metadata={"config": config_lib.to_dict(cfg)},
+        metadata={"config": to_dict(cfg)},
         validate=validate,
         validate_every=t.validate_every,
         select_on="val_acc" if validate else None,
-        grad_clip=t.grad_clip,
-        time_limit=t.time_limit,
+        deadline=deadline(t.time_limit),
         name=run_dir.name,
     )
     return trainer.fit(resume=resume, progress=progress)
 
 
-def load_learner(run_dir: Path, which: str, device: str | None) -> tuple[MAML, FewShotConfig, dict]:
-    path = run_dir / (BEST if which == "best" and (run_dir / BEST).exists() else CHECKPOINT)
-    state = ckpt.load(path)
-    cfg = config_lib.build(state["config"])
-    if device:
-        cfg.train.device = device
-    cfg.maml.compile = cfg.maml.cuda_graphs = False
+def load_learner(
+    run_dir: Path, device: str | None = None, overrides: list[str] = ()
+) -> tuple[MAML, FewShotConfig, dict]:
+    """The weights that ``eval.checkpoint`` names (``best.pt``, chosen on validation, when the
+    run has one; else the last checkpoint), with the config they were trained with."""
+    path = run_dir / BEST if (run_dir / BEST).exists() else run_dir / CHECKPOINT
+    cfg, state = load_run(path, device, overrides)
+    if path.name == BEST and cfg.eval.checkpoint == "last":
+        path = run_dir / CHECKPOINT
+        cfg, state = load_run(path, device, overrides)
     learner = make_learner(cfg)
     learner.load_state_dict(state["learner"])
     return learner, cfg, {"checkpoint": path.name, "iteration": state["iteration"], "val_acc": state.get("val_acc")}
@@ -141,13 +138,11 @@ def load_learner(run_dir: Path, which: str, device: str | None) -> tuple[MAML, F
 def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = True, overrides: list[str] = ()) -> dict:
     """Test accuracy (mean ± 95% CI) after 0..steps steps, per query protocol; writes eval.json/eval.md."""
     run_dir = Path(run_dir)
-    saved = config_lib.override_eval(config_lib.build(_read_config(run_dir)), overrides)
-    learner, cfg, source = load_learner(run_dir, saved.eval.checkpoint, device)
-    cfg = config_lib.override_eval(cfg, overrides)
+    learner, cfg, source = load_learner(run_dir, device, overrides)
     test_images = load_split(cfg, "test")
     results = {
         "source": source,
-        "eval": config_lib.to_dict(cfg)["eval"],
+        "eval": to_dict(cfg)["eval"],
         "resize": cfg.data.resize,
         "dataset": cfg.data.dataset,
         "n_way": cfg.task.n_way,
@@ -169,18 +164,8 @@ def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = Tr
         )
         mean, ci = mean_ci(acc * 100)
         results["protocols"][protocol] = {"query_per_class": q, "acc": mean.tolist(), "ci95": ci.tolist()}
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
-    (run_dir / "eval.md").write_text(format_table(results))
+    write_eval(run_dir, results, format_table(results))
     return results
-
-
-def _read_config(run_dir: Path) -> dict:
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory made by `mamlkit train`?")
-    return yaml.safe_load(path.read_text())
 
 
 def format_table(results: dict, steps_shown=(0, 1, 3, 5, 10)) -> str:

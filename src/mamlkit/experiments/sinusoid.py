@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import config as config_lib
-from ..config import SinusoidConfig
+from ..config import to_dict
 from ..engine import MAML, TaskBatch
 from ..models import mlp, official_init_
 from ..tasks import SinusoidTasks
-from ..training import Trainer, mean_ci
-from ..training import checkpoint as ckpt
-from . import build_maml
+from ..training import CHECKPOINT, AdamUpdate, Trainer, mean_ci, start_run
+from ..training.runs import deadline, write_eval
+from . import build_maml, load_run
+from .configs import SinusoidConfig
 
 KINDS = ("maml", "pretrained", "oracle")
 LABELS = {"maml": "MAML", "pretrained": "pretrained", "oracle": "oracle"}
@@ -56,23 +56,23 @@ def make_sampler(cfg: SinusoidConfig, kind: str, tasks: SinusoidTasks):
 
 def train(cfg: SinusoidConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> bool:
     """Train every model in ``cfg.models`` into ``run_dir/<kind>/``; False if interrupted."""
-    run_dir = config_lib.start_run(cfg, run_dir, resume)
+    run_dir = start_run(cfg, run_dir, resume)
+    t = cfg.train
+    stop_at = deadline(t.time_limit)
     for i, kind in enumerate(cfg.models):
-        torch.manual_seed(cfg.train.seed + i)
+        torch.manual_seed(t.seed + i)
         learner = make_learner(cfg, kind)
-        generator = torch.Generator(cfg.train.device).manual_seed(cfg.train.seed + 100 + i)
-        t = cfg.train
+        generator = torch.Generator(t.device).manual_seed(t.seed + 100 + i)
         trainer = Trainer(
             run_dir / kind,
             learner,
-            make_sampler(cfg, kind, make_tasks(cfg, kind)),
+            AdamUpdate(learner, make_sampler(cfg, kind, make_tasks(cfg, kind)), t.meta_lr, t.grad_clip),
             generator,
             iterations=t.iterations,
-            meta_lr=t.meta_lr,
             checkpoint_every=t.checkpoint_every,
             log_every=t.log_every,
-            metadata={"kind": kind, "config": config_lib.to_dict(cfg)},
-            time_limit=t.time_limit,
+            metadata={"kind": kind, "config": to_dict(cfg)},
+            deadline=stop_at,
             name=kind,
         )
         if not trainer.fit(resume=resume, progress=progress):
@@ -80,15 +80,14 @@ def train(cfg: SinusoidConfig, run_dir: str | Path, resume: bool = False, progre
     return True
 
 
-def load_learner(run_dir: str | Path, kind: str, device: str | None = None) -> tuple[MAML, SinusoidConfig]:
-    state = ckpt.load(Path(run_dir) / kind / "checkpoint.pt")
-    cfg = config_lib.build(state["config"])
-    if device:
-        cfg.train.device = device
-    cfg.maml.compile = cfg.maml.cuda_graphs = False  # evaluation shapes vary; compiling them costs more than it saves
+def load_learner(
+    run_dir: str | Path, kind: str, device: str | None = None, overrides: list[str] = ()
+) -> tuple[MAML, SinusoidConfig, dict]:
+    """A trained model, its config (``eval.*`` overrides applied) and its checkpoint."""
+    cfg, state = load_run(Path(run_dir) / kind / CHECKPOINT, device, overrides)
     learner = make_learner(cfg, kind)
     learner.load_state_dict(state["learner"])
-    return learner, cfg
+    return learner, cfg, state
 
 
 def test_tasks(cfg: SinusoidConfig, kind: str, n: int, k: int, seed: int) -> TaskBatch:
@@ -110,15 +109,14 @@ def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = Tr
     1..steps); the oracle needs no step. Writes ``eval.json`` and ``eval.md``.
     """
     run_dir = Path(run_dir)
-    kinds = [k for k in KINDS if (run_dir / k / "checkpoint.pt").exists()]
+    kinds = [k for k in KINDS if (run_dir / k / CHECKPOINT).exists()]
     if not kinds:
-        raise FileNotFoundError(f"{run_dir} holds no checkpoint (expected {run_dir}/maml/checkpoint.pt); train first")
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint (expected {run_dir}/maml/{CHECKPOINT}); train first")
     results: dict = {"models": {}}
     for kind in kinds:
-        learner, cfg = load_learner(run_dir, kind, device)
-        cfg = config_lib.override_eval(cfg, overrides)
+        learner, cfg, state = load_learner(run_dir, kind, device, overrides)
         e = cfg.eval
-        results["eval"] = config_lib.to_dict(cfg)["eval"]
+        results["eval"] = to_dict(cfg)["eval"]
         per_k = {}
         for k in e.shots:
             steps = 0 if kind == "oracle" else e.steps
@@ -141,10 +139,8 @@ def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = Tr
                 "mse_without_diverged": mse[~diverged].mean(0).tolist(),
                 **({"lr_tuning": tuning} if tuning else {}),
             }
-        iteration = ckpt.load(run_dir / kind / "checkpoint.pt")["iteration"]
-        results["models"][kind] = {"iterations": iteration, "shots": per_k}
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
-    (run_dir / "eval.md").write_text(format_table(results))
+        results["models"][kind] = {"iterations": state["iteration"], "shots": per_k}
+    write_eval(run_dir, results, format_table(results))
     return results
 
 
@@ -223,7 +219,7 @@ def plot(run_dir: str | Path, task_index: int = 0) -> list[Path]:
     fig, axes = plt.subplots(len(kshots), len(fitted), figsize=(5 * len(fitted), 3.6 * len(kshots)), squeeze=False)
     for row, k in zip(axes, kshots):
         for ax, kind in zip(row, fitted):
-            learner, cfg = load_learner(run_dir, kind, "cpu")
+            learner, cfg, _ = load_learner(run_dir, kind, "cpu")
             lr = models[kind]["shots"][k]["lr"]
             _plot_fit(ax, learner, cfg, kind, int(k), None if lr == "learned" else lr, task_index)
             ax.set_title(f"{LABELS[kind]}, K = {k}")

@@ -7,22 +7,20 @@ from __future__ import annotations
 
 import gymnasium as gym
 
+from .families import MUJOCO
+
 NAVIGATION = "mamlkit/Navigation2D-v0"
-MUJOCO = {
-    "mamlkit/HalfCheetahVel-v0": "HalfCheetahVelEnv",
-    "mamlkit/HalfCheetahDir-v0": "HalfCheetahDirEnv",
-    "mamlkit/AntVel-v0": "AntVelEnv",
-    "mamlkit/AntDir-v0": "AntDirEnv",
-}
 
 
 def register() -> None:
     """Register the environments once (``gym.make("mamlkit/Navigation2D-v0")``)."""
     if NAVIGATION not in gym.registry:
         gym.register(NAVIGATION, entry_point="mamlkit.rl.navigation:Navigation2DEnv", max_episode_steps=100)
-    for name, cls in MUJOCO.items():
-        if name not in gym.registry:
-            gym.register(name, entry_point=f"mamlkit.rl.mujoco_tasks:{cls}", max_episode_steps=200)
+    for family in MUJOCO.values():
+        if family.env_id not in gym.registry:
+            gym.register(
+                family.env_id, entry_point=f"mamlkit.rl.mujoco_tasks:{family.env_class}", max_episode_steps=200
+            )
 
 
 register()

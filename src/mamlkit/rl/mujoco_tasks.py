@@ -35,15 +35,22 @@ import numpy as np
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
+from .families import MUJOCO, MujocoFamily
+
 CHEETAH_CTRL = 0.05  # the paper's 0.05 ||a||² (rllab: 0.5 * 0.1)
 CHEETAH_FRAME_SKIP = 1  # rllab's half_cheetah.xml: timestep 0.01, no frame skip
 ANT_FRAME_SKIP = 2  # rllab's ant.xml: timestep 0.02, no frame skip; gymnasium's model: 0.01
 
 
 class _TaskMixin:
-    """The task API over a single scalar task parameter stored in ``self._task``."""
+    """The task API over a single scalar task parameter stored in ``self._task``; the
+    subclass's ``family`` (from the task table) names it and gives its range."""
 
-    key = "goal"
+    family: MujocoFamily
+
+    @property
+    def key(self) -> str:
+        return self.family.key
 
     def _sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
@@ -74,20 +81,14 @@ class _TaskMixin:
 
 
 class _Velocity(_TaskMixin):
-    key = "velocity"
-    high = 2.0
-    offset = 0.0  # added to the velocity term every step
-
     def _sample(self, n, rng):
-        return rng.uniform(0.0, self.high, size=n)
+        return rng.uniform(0.0, self.family.high, size=n)
 
     def forward_reward(self, v: float) -> float:
-        return -abs(v - self._task) + self.offset
+        return -abs(v - self._task) + self.family.offset
 
 
 class _Direction(_TaskMixin):
-    key = "direction"
-
     def _sample(self, n, rng):
         return rng.choice([-1.0, 1.0], size=n)
 
@@ -136,17 +137,22 @@ class _Ant(AntEnv):
 class HalfCheetahVelEnv(_Velocity, _Cheetah):
     """Half-cheetah running at a goal velocity ~ U[0, 2]."""
 
+    family = MUJOCO["halfcheetah_vel"]
+
 
 class HalfCheetahDirEnv(_Direction, _Cheetah):
     """Half-cheetah running forward (+1) or backward (-1)."""
+
+    family = MUJOCO["halfcheetah_dir"]
 
 
 class AntVelEnv(_Velocity, _Ant):
     """Ant running at a goal velocity ~ U[0, 3]."""
 
-    high = 3.0
-    offset = 1.0
+    family = MUJOCO["ant_vel"]
 
 
 class AntDirEnv(_Direction, _Ant):
     """Ant running forward (+1) or backward (-1)."""
+
+    family = MUJOCO["ant_dir"]

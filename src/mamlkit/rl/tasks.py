@@ -12,15 +12,9 @@ from torch import Tensor
 
 from ..engine.functional import FunctionalModel, Params
 from .config import RLEnvConfig
+from .families import MUJOCO, NAVIGATION
 from .navigation import NavigationBatch, sample_goals
 from .sampler import Episodes, policy_fn, rollout
-
-MUJOCO_IDS = {
-    "halfcheetah_vel": ("mamlkit/HalfCheetahVel-v0", "velocity", 2.0),
-    "halfcheetah_dir": ("mamlkit/HalfCheetahDir-v0", "direction", None),
-    "ant_vel": ("mamlkit/AntVel-v0", "velocity", 3.0),
-    "ant_dir": ("mamlkit/AntDir-v0", "direction", None),
-}
 
 
 class NavigationTasks:
@@ -56,16 +50,17 @@ class MujocoTasks:
         from .vector_sampler import make_vector_env  # imports mujoco only for these families
 
         self.env, self.oracle = env, oracle
-        self.env_id, self.key, self.high = MUJOCO_IDS[env.name]
+        self.family = MUJOCO[env.name]
         kwargs = {"frame_skip": env.frame_skip} if env.frame_skip else {}
-        self.vec = make_vector_env(self.env_id, env.num_envs, env.asynchronous, env.processes, **kwargs)
+        self.vec = make_vector_env(self.family.env_id, env.num_envs, env.asynchronous, env.processes, **kwargs)
         space = self.vec.single_observation_space
         self.obs_dim = space.shape[0] + (1 if oracle else 0)
         self.act_dim = self.vec.single_action_space.shape[0]
 
     def sample(self, n: int, g: torch.Generator) -> Tensor:
         u = torch.rand(n, 1, generator=g)
-        return u * self.high if self.high is not None else torch.where(u < 0.5, -1.0, 1.0)
+        high = self.family.high
+        return u * high if high is not None else torch.where(u < 0.5, -1.0, 1.0)
 
     def rollout(
         self,
@@ -80,7 +75,7 @@ class MujocoTasks:
         act = indexed_policy(fmodel, params)
         if self.oracle:
             act = _with_task_in_obs(act, tasks)
-        task_dicts = [{self.key: float(v)} for v in tasks[:, 0]]
+        task_dicts = [{self.family.key: float(v)} for v in tasks[:, 0]]
         seed = int(torch.randint(2**31 - 1, (), generator=g))
         ep = vector_rollout(self.vec, act, task_dicts, trajectories, self.env.horizon, g, seed)
         if self.oracle:
@@ -100,4 +95,4 @@ def _with_task_in_obs(bind, tasks: Tensor):
 
 
 def make_tasks(env: RLEnvConfig, oracle: bool = False) -> NavigationTasks | MujocoTasks:
-    return NavigationTasks(env, oracle) if env.name == "navigation2d" else MujocoTasks(env, oracle)
+    return NavigationTasks(env, oracle) if env.name == NAVIGATION else MujocoTasks(env, oracle)

@@ -67,15 +67,13 @@ class TaskData:
 
 
 class MetaTRPO:
-    """One TRPO step on ``maml``'s meta-parameters per call of ``step``."""
+    """One TRPO step on ``maml``'s meta-parameters per call of ``step``; the inner step (size,
+    count, order) is the learner's own."""
 
     def __init__(
         self,
         maml: MAML,
         *,
-        inner_lr: float,
-        inner_steps: int,
-        first_order: bool,
         max_kl: float = 0.01,
         cg_iters: int = 10,
         cg_damping: float = 1e-5,
@@ -83,21 +81,13 @@ class MetaTRPO:
         max_backtracks: int = 15,
     ):
         self.maml = maml
-        self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
         self.max_kl, self.cg_iters, self.cg_damping = max_kl, cg_iters, cg_damping
         self.backtrack_ratio, self.max_backtracks = backtrack_ratio, max_backtracks
 
     def adapt(self, data: TaskData, params: Params, create_graph: bool) -> Params:
-        if not self.inner_steps:
+        if not self.maml.inner_steps:
             return params
-        return self.maml.adapt(
-            data.pre_obs,
-            data.pre_targets,
-            steps=self.inner_steps,
-            lr=self.inner_lr,
-            params=params,
-            create_graph=create_graph,
-        )
+        return self.maml.adapt(data.pre_obs, data.pre_targets, params=params, create_graph=create_graph)
 
     def policy_outputs(self, tasks: list[TaskData], params: Params, create_graph: bool) -> list[tuple[Tensor, Tensor]]:
         """Each task's post-update policy ``(mean, log_std)`` on its post-update observations,
@@ -132,11 +122,12 @@ class MetaTRPO:
         w.r.t. the policy outputs is zero and its Hessian is exactly ``J^T M J``: ``J`` the
         Jacobian of the outputs (mean, log-std) through the inner update, ``M`` the Gaussian
         Fisher (1/sigma² for the mean, 2 for the log-std). Two backward passes per product
-        instead of differentiating the KL three times; ~2.7x faster here, equal to 1e-7.
+        instead of differentiating the KL three times: faster, and equal to rounding
+        (BENCHMARKS.md, "Measurements behind design choices").
 
         ``outputs``: ``policy_outputs(tasks, params, create_graph)`` whose graph is still alive
         (``step`` passes the surrogate's, so the inner updates are built once per meta-update);
-        by default they are computed here.
+        by default they are computed anew.
         """
         leaves = list(params.values())
         if outputs is None:
@@ -163,7 +154,7 @@ class MetaTRPO:
         backtracking line search that needs a better surrogate and a KL within the bound."""
         params = self.maml.params()
         leaves = list(params.values())
-        create_graph = not self.first_order
+        create_graph = not self.maml.first_order
         # One graph through the inner updates serves the meta-gradient and every KL product.
         outputs = self.policy_outputs(tasks, params, create_graph)
         surr, _ = self.surrogate_and_kl(tasks, outputs)

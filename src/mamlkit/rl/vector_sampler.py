@@ -83,7 +83,7 @@ class SplitVectorEnv:
     in this process, each other one in a worker process, all at the same time.
 
     Unlike ``AsyncVectorEnv`` (one worker per copy, a message per copy and step, slower than
-    stepping in one process on this 2-core machine), this sends one message per worker and
+    stepping in one process on two cores: BENCHMARKS.md), this sends one message per worker and
     step, so the simulation spreads over the cores without drowning in messages. It has the
     parts of the vector API ``vector_rollout`` uses; ``reset(seed=s)`` seeds copy ``i`` with
     ``s + i`` like gymnasium's vector envs.
@@ -162,8 +162,8 @@ def indexed_policy(fmodel: FunctionalModel, params: Params | list[Params]) -> In
 
     Episodes are numbered task by task, so a chunk's rows form a few runs of one task each
     (at most two when ``num_envs <= trajectories``). The policy is called once per run with
-    that task's parameters: a plain call costs ~50 µs here, against ~350 µs for ``vmap`` over
-    per-row parameters gathered at every step, which took half the sampling time.
+    that task's parameters: a plain call costs a fraction of a ``vmap`` over per-row
+    parameters gathered at every step (BENCHMARKS.md, "Measurements behind design choices").
     """
     if isinstance(params, dict):
         return lambda task_index: lambda obs: fmodel(params, obs)
@@ -197,8 +197,8 @@ def _runs(index: list[int]) -> list[tuple[int, int, int]]:
 def _step(vec: gym.vector.VectorEnv | SplitVectorEnv, actions: np.ndarray, alive: np.ndarray):
     """One step of every copy that is still in its episode -> ``(obs, rewards, terminated)``.
 
-    A synchronous vector env's copies are stepped directly: ``SyncVectorEnv.step`` adds ~25 µs
-    per copy and step (info dicts, autoreset bookkeeping) to MuJoCo's ~45-70. Copies whose
+    A synchronous vector env's copies are stepped directly: ``SyncVectorEnv.step`` adds a
+    third or more to each copy's step (info dicts, autoreset bookkeeping). Copies whose
     episode ended are not stepped (their rows are masked out; the next chunk's ``reset``
     restarts them), where the vector env would reset them; the kept data are the same.
     """

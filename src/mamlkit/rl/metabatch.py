@@ -1,0 +1,164 @@
+"""RL's meta-batch: trajectories before and after each task's inner policy-gradient step, the
+data TRPO needs, the returns after 0..n steps at test, and TRPO as the training loop's update.
+
+A task family (``mamlkit.rl.tasks``) samples tasks and rolls policies out on them;
+``advantages`` is ``episodes -> [tasks, trajectories, time]`` (``advantage_fn``). Every
+function takes what it uses explicitly, so tests and benchmarks call these very functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..engine import MAML
+from ..engine.functional import Params, detach
+from .sampler import Episodes, advantages, policy_fn
+from .trpo import MetaTRPO, TaskData
+
+AdvantageFn = Callable[[Episodes], Tensor]
+
+
+def advantage_fn(gamma: float, gae_lambda: float, center: bool, baseline_reg: float) -> AdvantageFn:
+    """Per-task advantages with the linear feature baseline (``mamlkit.rl.sampler.advantages``)."""
+    return functools.partial(advantages, gamma=gamma, lam=gae_lambda, center=center, reg=baseline_reg)
+
+
+def adapt_tasks(
+    learner: MAML, episodes: Episodes, adv: AdvantageFn, params: list[Params], lr: float, steps: int = 1
+) -> list[Params]:
+    """Each task's parameters after ``steps`` REINFORCE steps of size ``lr`` on its own episodes
+    (task ``i`` starts from ``params[i]``); detached, for sampling."""
+    a = adv(episodes)
+    return [
+        detach(
+            learner.adapt(
+                episodes.obs[i], (episodes.actions[i], a[i], episodes.mask[i]), steps=steps, lr=lr, params=params[i]
+            )
+        )
+        for i in range(len(params))
+    ]
+
+
+def sample_meta_batch(
+    learner: MAML, family, tasks: Tensor, trajectories: int, adv: AdvantageFn, generator: torch.Generator
+) -> tuple[list[TaskData], dict[str, float]]:
+    """Sample a meta-batch for TRPO: ``trajectories`` episodes per task with the meta-parameters,
+    the learner's inner step on each task, then as many with the adapted parameters (only the
+    latter without inner steps). Returns each task's ``TaskData`` and the mean returns."""
+    theta = detach(learner.params())
+    info = {}
+    pre, targets = None, None
+    if learner.inner_steps:
+        pre = family.rollout(learner.fmodel, theta, tasks, trajectories, generator)
+        pre_adv = adv(pre)
+        targets = [(pre.actions[i], pre_adv[i], pre.mask[i]) for i in range(len(tasks))]
+        adapted = [detach(learner.adapt(pre.obs[i], targets[i], params=theta)) for i in range(len(tasks))]
+        info["return_pre"] = pre.returns().mean().item()
+    else:
+        adapted = [theta] * len(tasks)
+    post = family.rollout(learner.fmodel, adapted, tasks, trajectories, generator)
+    post_adv = adv(post)
+    with torch.no_grad():
+        old_mean, old_log_std = policy_fn(learner.fmodel, adapted)(post.obs)
+    info["return_post" if pre is not None else "return"] = post.returns().mean().item()
+    data = [
+        TaskData(
+            pre_obs=pre.obs[i] if pre is not None else None,
+            pre_targets=targets[i] if pre is not None else None,
+            obs=post.obs[i],
+            actions=post.actions[i],
+            advantages=post_adv[i],
+            mask=post.mask[i],
+            old_mean=old_mean[i],
+            old_log_std=old_log_std[i],
+        )
+        for i in range(len(tasks))
+    ]
+    return data, info
+
+
+def adaptation_returns(
+    learner: MAML,
+    family,
+    tasks: Tensor,
+    trajectories: int,
+    steps: int,
+    lrs: Sequence[float],
+    adv: AdvantageFn,
+    generator: torch.Generator,
+) -> Tensor:
+    """Mean return per task ``[tasks, steps + 1]`` after 0..``steps`` REINFORCE steps, each on
+    ``trajectories`` fresh episodes of the current policy (step sizes ``lrs``, the last repeating)."""
+    params: list[Params] = [detach(learner.params())] * len(tasks)
+    out = []
+    for s in range(steps + 1):
+        ep = family.rollout(learner.fmodel, params, tasks, trajectories, generator)
+        out.append(ep.returns().mean(1))
+        if s == steps:
+            break
+        params = adapt_tasks(learner, ep, adv, params, lrs[min(s, len(lrs) - 1)])
+    return torch.stack(out, 1)
+
+
+def tune_inner_lrs(
+    learner: MAML,
+    family,
+    tasks: Tensor,
+    trajectories: int,
+    steps: int,
+    candidates: Sequence[float],
+    adv: AdvantageFn,
+    generator: torch.Generator,
+) -> tuple[list[float], list[list[float]]]:
+    """Step sizes chosen among ``candidates`` on (validation) ``tasks``, greedily: step s takes the
+    candidate whose adapted policies return most, given the sizes already chosen. Returns
+    ``(sizes, mean return of every candidate at every step)``."""
+    params: list[Params] = [detach(learner.params())] * len(tasks)
+    ep = family.rollout(learner.fmodel, params, tasks, trajectories, generator)
+    chosen, table = [], []
+    for _ in range(steps):
+        trials = []
+        for lr in candidates:
+            adapted = adapt_tasks(learner, ep, adv, params, lr)
+            trial_ep = family.rollout(learner.fmodel, adapted, tasks, trajectories, generator)
+            trials.append((trial_ep.returns().mean().item(), lr, adapted, trial_ep))
+        table.append([t[0] for t in trials])
+        _, lr, params, ep = max(trials, key=lambda t: t[0])
+        chosen.append(lr)
+    return chosen, table
+
+
+class MetaTRPOUpdate:
+    """The training loop's outer step for RL: sample ``meta_batch_size`` tasks and their
+    meta-batch, then one ``MetaTRPO`` step. TRPO keeps no state between steps."""
+
+    def __init__(
+        self,
+        trpo: MetaTRPO,
+        family,
+        meta_batch_size: int,
+        trajectories: int,
+        adv: AdvantageFn,
+        device: str | torch.device = "cpu",
+    ):
+        self.trpo, self.family, self.adv, self.device = trpo, family, adv, device
+        self.meta_batch_size, self.trajectories = meta_batch_size, trajectories
+
+    def step(self, generator: torch.Generator) -> dict[str, float]:
+        t0 = time.perf_counter()
+        tasks = self.family.sample(self.meta_batch_size, generator).to(self.device)
+        data, info = sample_meta_batch(self.trpo.maml, self.family, tasks, self.trajectories, self.adv, generator)
+        t1 = time.perf_counter()
+        stats = self.trpo.step(data)
+        return {**info, **stats, "sample_s": t1 - t0, "update_s": time.perf_counter() - t1}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,268 @@
+"""The one meta-training loop: every experiment's models train here.
+
+The loop owns what every run needs (resume, the time limit, Ctrl-C and SIGTERM, the metric
+log, the progress bar, checkpoints, validation and ``best.pt``); the outer update is a piece
+it is given: ``AdamUpdate`` for supervised MAML, ``mamlkit.rl.MetaTRPOUpdate`` for RL.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..engine import TaskBatch
+from . import checkpoint as ckpt
+from .metrics import MetricLog
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+
+
+class RunExistsError(RuntimeError):
+    pass
+
+
+class Update(Protocol):
+    """One outer step of the meta-parameters: draws its own batch from ``generator``, changes
+    the learner in place and returns the step's metrics (floats or scalar tensors)."""
+
+    def step(self, generator: torch.Generator) -> dict[str, float | Tensor]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
+    params = list(params)
+    try:  # fused Adam is faster per step than foreach on small models (BENCHMARKS.md)
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=lr)
+
+
+class AdamUpdate:
+    """Supervised MAML's outer step: the meta-gradient of a batch from ``sample(generator)``
+    (``learner.meta_backward``), clipped elementwise to ``[-grad_clip, grad_clip]`` if given,
+    then one Adam step."""
+
+    def __init__(
+        self,
+        learner: nn.Module,
+        sample: Callable[[torch.Generator], TaskBatch],
+        meta_lr: float,
+        grad_clip: float | None = None,
+    ):
+        self.learner, self.sample, self.grad_clip = learner, sample, grad_clip
+        self.optimizer = make_optimizer(learner.parameters(), meta_lr)
+
+    def step(self, generator: torch.Generator) -> dict[str, Tensor]:
+        batch = self.sample(generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.learner.meta_backward(batch)
+        if self.grad_clip:
+            for p in self.learner.parameters():
+                if p.grad is not None:
+                    p.grad.clamp_(-self.grad_clip, self.grad_clip)
+        self.optimizer.step()
+        return {"loss": loss}
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+class Trainer:
+    """Trains ``learner`` with ``update`` for ``iterations`` outer steps in ``run_dir``.
+
+    ``run_dir`` receives ``checkpoint.pt`` (every ``checkpoint_every`` iterations, at the end and
+    when stopped), ``metrics.csv`` and ``tb/`` (each metric averaged over ``log_every``
+    iterations, with ``its_per_s``), and ``best.pt`` when ``validate`` and ``select_on`` are given
+    (the weights with the highest ``select_on``). ``fit(resume=True)`` continues from the
+    checkpoint with the same weights, update state and random-number state.
+
+    ``deadline`` (a ``time.monotonic()`` value) stops training as Ctrl-C does once passed:
+    the checkpoint is saved and ``--resume`` continues. ``show`` names the metrics the progress
+    bar displays.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        learner: nn.Module,
+        update: Update,
+        generator: torch.Generator,
+        *,
+        iterations: int,
+        checkpoint_every: int,
+        log_every: int,
+        metadata: dict | None = None,
+        validate: Callable[[], dict[str, float]] | None = None,
+        validate_every: int = 0,
+        select_on: str | None = None,
+        deadline: float = float("inf"),
+        name: str = "train",
+        show: tuple[str, ...] = ("loss",),
+    ):
+        self.run_dir = Path(run_dir)
+        self.learner, self.update, self.generator = learner, update, generator
+        self.iterations = iterations
+        self.checkpoint_every, self.log_every = checkpoint_every, log_every
+        self.metadata = metadata or {}
+        self.validate, self.validate_every, self.select_on = validate, validate_every, select_on
+        self.best = float("-inf")
+        self.deadline = deadline
+        self.name, self.show = name, show
+        self.iteration = 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT
+
+    def save(self) -> None:
+        ckpt.save_atomic(
+            {
+                "iteration": self.iteration,
+                "learner": self.learner.state_dict(),
+                "update": self.update.state_dict(),
+                "rng": ckpt.rng_state(self.generator),
+                "best": self.best,
+                **self.metadata,
+            },
+            self.checkpoint_path,
+        )
+
+    def _maybe_save_best(self, row: dict) -> None:
+        """Keep the weights with the best validation score (``select_on``, higher is better)."""
+        if self.select_on is None or self.select_on not in row or not row[self.select_on] > self.best:
+            return
+        self.best = row[self.select_on]
+        ckpt.save_atomic(
+            {
+                "iteration": self.iteration,
+                "learner": self.learner.state_dict(),
+                self.select_on: self.best,
+                **self.metadata,
+            },
+            self.run_dir / BEST,
+        )
+
+    def restore(self) -> None:
+        state = ckpt.load(self.checkpoint_path)
+        self.learner.load_state_dict(state["learner"])
+        # Checkpoints written before the update piece existed keep Adam's state as "optimizer".
+        update_state = state.get("update", state.get("optimizer"))
+        if update_state is not None:
+            self.update.load_state_dict(update_state)
+        ckpt.set_rng_state(state["rng"], self.generator)
+        self.iteration = state["iteration"]
+        self.best = state.get("best", float("-inf"))
+
+    def fit(self, resume: bool = False, progress: bool = True) -> bool:
+        """Train to ``iterations``; returns False if stopped early (checkpoint saved)."""
+        if self.checkpoint_path.exists():
+            if not resume:
+                raise RunExistsError(
+                    f"{self.run_dir} already holds a run; pass --resume to continue it or --out for a new one"
+                )
+            self.restore()
+        if self.iteration >= self.iterations:
+            if not self.checkpoint_path.exists():  # nothing to train (the random-init baseline)
+                self.save()
+            return True
+        log = MetricLog(self.run_dir, resume_from=self.iteration)
+        bar = tqdm(
+            total=self.iterations, initial=self.iteration, desc=self.name, disable=not progress, dynamic_ncols=True
+        )
+        window = _Window()
+        start = self.iteration
+        try:
+            with _stop_requests() as stop:
+                while self.iteration < self.iterations:
+                    window.add(self.update.step(self.generator))
+                    self.iteration += 1
+                    it, final = self.iteration, self.iteration == self.iterations
+                    if it == start + 1 and getattr(self.learner, "strategy_timings", None):
+                        ms = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.learner.strategy_timings.items())
+                        bar.write(f"{self.name}: strategy {self.learner.strategy} (measured: {ms})")
+                    if it % self.log_every == 0 or final:
+                        count, row = window.count, window.flush()
+                        if self.validate and self.validate_every and (it % self.validate_every == 0 or final):
+                            row.update(self.validate())
+                            self._maybe_save_best(row)
+                        log.log(it, **row)
+                        bar.set_postfix({k: f"{row[k]:.4g}" for k in self.show if k in row}, refresh=False)
+                        bar.update(count)
+                        window.restart_clock()  # validation and logging do not count as training time
+                    if it % self.checkpoint_every == 0 or final:
+                        self.save()
+                    if stop.is_set() or (not final and time.monotonic() > self.deadline):
+                        if window.count:  # the partial window's metrics, so the log ends where training did
+                            log.log(it, **window.flush())
+                        self.save()
+                        why = "stopped" if stop.is_set() else "time limit reached"
+                        bar.write(f"{why} at iteration {it}; checkpoint saved to {self.checkpoint_path} (--resume)")
+                        return False
+        finally:
+            bar.close()
+            log.close()
+        return True
+
+
+class _Window:
+    """Metrics summed over the iterations since the last log row; tensors stay on their device
+    until the row is written, so logging costs one synchronisation per row."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.count = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            v = v.detach() if isinstance(v, Tensor) else v
+            self.sums[k] = v if k not in self.sums else self.sums[k] + v
+        self.count += 1
+
+    def flush(self) -> dict[str, float]:
+        row = {k: float(v) / self.count for k, v in self.sums.items()}
+        row["its_per_s"] = self.count / (time.perf_counter() - self.t0)
+        self.sums, self.count = {}, 0
+        return row
+
+    def restart_clock(self) -> None:
+        self.t0 = time.perf_counter()
+
+
+@contextmanager
+def _stop_requests():
+    """Turn SIGINT/SIGTERM into a flag checked between iterations, so a checkpoint is never torn."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if flag.is_set():  # a second Ctrl-C stops at once
+            signal.default_int_handler(signum, frame)
+        flag.set()
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
