@@ -224,8 +224,10 @@ def test_config_registered_and_checked():
         load_config("rl-navigation2d-tiny", ["models=[maml,bogus]"])
     with pytest.raises(config.ConfigError, match="processes"):
         load_config("rl-navigation2d-tiny", ["env.asynchronous=true", "env.processes=2"])
-    with pytest.raises(config.ConfigError, match="learn_inner_lr"):
+    with pytest.raises(config.ConfigError, match="learn_inner_lr.*not supported.*uses only maml.inner_lr"):
         load_config("rl-navigation2d-tiny", ["maml.learn_inner_lr=true"])
+    with pytest.raises(config.ConfigError, match="maml.compile, maml.autocast: not supported"):
+        load_config("rl-navigation2d-tiny", ["maml.compile=true", "maml.autocast=bf16"])
 
 
 def test_train_resume_eval_end_to_end(tmp_path):

@@ -141,6 +141,55 @@ def test_config_rejects_unknown_keys_and_bad_values():
     assert cfg.train.iterations == 12 and cfg.maml.adapt == ["2.*"] and cfg.maml.inner_lr == 0.01
 
 
+def test_maml_section_is_the_engines_options():
+    """The ``maml:`` section holds exactly MAML's keyword options with the engine's defaults, so a
+    config builds MAML whole (nothing copied by hand, nothing dropped)."""
+    import dataclasses
+    import inspect
+
+    from mamlkit import MAML
+    from mamlkit.experiments import build_maml
+
+    engine = inspect.signature(MAML).parameters
+    for f in dataclasses.fields(config.MAMLConfig):
+        assert f.name in engine and engine[f.name].kind is inspect.Parameter.KEYWORD_ONLY, f.name
+        assert f.default == engine[f.name].default, f.name
+    cfg = load_config("sinusoid", ["maml.inner_lr=0.3", "maml.inner_steps=2", "maml.first_order=true"])
+    maml = build_maml(torch.nn.Linear(1, 1), torch.nn.functional.mse_loss, cfg.maml)
+    assert (maml.inner_lr, maml.inner_steps, maml.first_order) == (0.3, 2, True)
+
+
+def test_legacy_checkpoint_resumes_with_its_adam_state(tmp_path):
+    """Checkpoints written before the update piece kept Adam's state as "optimizer": resuming one
+    continues exactly as resuming a current one does."""
+    cfg = small_cfg(models="[maml]", **{"maml.strategy": "vmap"})  # no timing-dependent choice
+
+    def trainer(run_dir, iterations):
+        torch.manual_seed(0)
+        learner = sinusoid.make_learner(cfg, "maml")
+        sample = sinusoid.make_sampler(cfg, "maml", sinusoid.make_tasks(cfg, "maml"))
+        return Trainer(
+            run_dir,
+            learner,
+            AdamUpdate(learner, sample, meta_lr=1e-2),
+            torch.Generator().manual_seed(1),
+            iterations=iterations,
+            checkpoint_every=5,
+            log_every=5,
+        )
+
+    for name in ("current", "legacy"):
+        assert trainer(tmp_path / name, 10).fit(progress=False)
+    path = tmp_path / "legacy" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    state["optimizer"] = state.pop("update")
+    torch.save(state, path)
+    finished = [trainer(tmp_path / name, 20) for name in ("current", "legacy")]
+    assert all(t.fit(resume=True, progress=False) for t in finished)
+    for a, b in zip(finished[0].learner.parameters(), finished[1].learner.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_user_yaml_works_like_a_preset(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("experiment: sinusoid\ntrain:\n  iterations: 7\n")
