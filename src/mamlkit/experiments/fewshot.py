@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from ..engine import MAML
 from ..models import ADAPT_ALL_BUT_NORM, CLASSIFIERS
 from ..tasks.fewshot import FewShotTasks
 from ..training import BEST, CHECKPOINT, AdamUpdate, Trainer, mean_ci, start_run
-from ..training.runs import deadline, write_eval
+from ..training.runs import deadline, read_eval, write_eval
 from . import build_maml, load_run
 from .configs import FewShotConfig
 
@@ -200,9 +199,8 @@ def plot(run_dir: str | Path) -> list[Path]:
         out.append(
             plots.training_curves({"validation": run_dir}, run_dir / "plots" / "val_acc.png", key="val_acc", logy=False)
         )
-    eval_path = run_dir / "eval.json"
-    if eval_path.exists():
-        results = json.loads(eval_path.read_text())
+    if (run_dir / "eval.json").exists():  # the learning curves need no evaluation; this figure does
+        results = read_eval(run_dir)
         fig, ax = plt.subplots(figsize=(5.5, 4))
         series = {f"{r['query_per_class']} query/class": (r["acc"], r["ci95"]) for r in results["protocols"].values()}
         plots.steps_curves(ax, series, "test accuracy (%)")

@@ -7,7 +7,6 @@ untrained initialisation). At test every model but the oracle is fine-tuned with
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from ..rl.policy import GaussianMLPPolicy, reinforce_loss
 from ..rl.tasks import MujocoTasks, NavigationTasks, make_tasks
 from ..rl.trpo import MetaTRPO
 from ..training import CHECKPOINT, Trainer, mean_ci, start_run
-from ..training.runs import deadline, write_eval
+from ..training.runs import deadline, read_eval, write_eval
 from . import build_maml, load_run
 
 # Mean return over 40 test tasks after 0/1/2/3 steps, from the official code's result files
@@ -194,10 +193,7 @@ def plot(run_dir: str | Path) -> list[Path]:
     from .. import plots
 
     run_dir = Path(run_dir)
-    eval_path = run_dir / "eval.json"
-    if not eval_path.exists():
-        raise FileNotFoundError(f"{eval_path} not found; run `mamlkit eval {run_dir}` first")
-    results = json.loads(eval_path.read_text())
+    results = read_eval(run_dir)
     models = results["models"]
     fig, ax = plt.subplots(figsize=(5, 4))
     plots.steps_curves(ax, {MODELS[k]: (m["returns"], m["ci95"]) for k, m in models.items()}, "average return")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ from ..engine import MAML, TaskBatch
 from ..models import mlp, official_init_
 from ..tasks import SinusoidTasks
 from ..training import CHECKPOINT, AdamUpdate, Trainer, mean_ci, start_run
-from ..training.runs import deadline, write_eval
+from ..training.runs import deadline, read_eval, write_eval
 from . import build_maml, load_run
 from .configs import SinusoidConfig
 
@@ -194,10 +193,7 @@ def plot(run_dir: str | Path, task_index: int = 0) -> list[Path]:
     from .. import plots
 
     run_dir = Path(run_dir)
-    eval_path = run_dir / "eval.json"
-    if not eval_path.exists():
-        raise FileNotFoundError(f"{eval_path} not found; run `mamlkit eval {run_dir}` first")
-    results = json.loads(eval_path.read_text())
+    results = read_eval(run_dir)
     models = results["models"]
     out = []
 

@@ -30,6 +30,14 @@ def deadline(time_limit: float) -> float:
     return time.monotonic() + time_limit if time_limit else float("inf")
 
 
+def read_eval(run_dir: str | Path) -> dict:
+    """A run's ``eval.json``, with a message saying how to make it when it is missing."""
+    path = Path(run_dir) / "eval.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run `mamlkit eval {run_dir}` first")
+    return json.loads(path.read_text())
+
+
 def write_eval(run_dir: str | Path, results: dict, table: str) -> None:
     """A run's evaluation: ``eval.json`` (everything) and ``eval.md`` (the table)."""
     run_dir = Path(run_dir)
