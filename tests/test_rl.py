@@ -177,9 +177,35 @@ def test_kl_hvp_is_the_hessian_of_the_kl_through_the_inner_step():
     assert torch.allclose(shared(2 * v) - trpo.cg_damping * 2 * v, 2 * exact, rtol=1e-6, atol=1e-10)  # reusable
 
 
-def test_meta_gradient_matches_finite_differences():
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_batched_objectives_equal_a_loop_over_tasks(strategy):
+    """TRPO computes all tasks together; the same surrogate and KL, task by task, by hand."""
+    maml, trpo, data = tiny_problem(tasks=4)
+    trpo.strategy = strategy
+    params = maml.params()
+    rng = torch.Generator().manual_seed(5)
+    shifted = {k: p.detach() + 0.05 * torch.randn(p.shape, generator=rng, dtype=p.dtype) for k, p in params.items()}
+    surr, kl_value = trpo.objectives(data, shifted, create_graph=False)
+    surrs, kls = [], []
+    for i in range(len(data)):
+        targets = tuple(t[i] for t in data.pre_targets)
+        adapted = maml.adapt(data.pre_obs[i], targets, steps=1, lr=0.1, params=shifted)
+        mean, log_std = maml(data.obs[i], adapted)
+        old = (data.old_mean[i], data.old_log_std[i])
+        ratio = torch.exp(log_prob(mean, log_std, data.actions[i]) - log_prob(*old, data.actions[i]))
+        m = data.mask[i]
+        surrs.append((ratio * data.advantages[i] * m).sum() / m.sum())
+        kls.append((kl(old, (mean, log_std)) * m).sum() / m.sum())
+    torch.testing.assert_close(surr, torch.stack(surrs).mean(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(kl_value, torch.stack(kls).mean(), rtol=1e-10, atol=1e-12)
+    assert kl_value > 0  # the shift moved the policy: the comparison is not of zeros
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_meta_gradient_matches_finite_differences(strategy):
     """The surrogate's gradient through the inner step (second order) against central differences."""
     maml, trpo, data = tiny_problem()
+    trpo.strategy = strategy
     params = maml.params()
     surr, _ = trpo.objectives(data, params, create_graph=True)
     grads = torch.autograd.grad(surr, list(params.values()))

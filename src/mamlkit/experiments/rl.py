@@ -71,7 +71,7 @@ def _advantages(cfg: RLConfig):
 def make_update(cfg: RLConfig, learner: MAML, family) -> MetaTRPOUpdate:
     """The outer step: a meta-batch of ``train.meta_batch_size`` tasks, then TRPO."""
     t = cfg.train
-    trpo = MetaTRPO(learner, **kwargs_for(MetaTRPO, cfg.algo))
+    trpo = MetaTRPO(learner, strategy=cfg.maml.strategy, **kwargs_for(MetaTRPO, cfg.algo))
     return MetaTRPOUpdate(trpo, family, t.meta_batch_size, t.trajectories, _advantages(cfg), t.device)
 
 

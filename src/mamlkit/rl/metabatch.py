@@ -17,8 +17,9 @@ from torch import Tensor
 
 from ..engine import MAML
 from ..engine.functional import Params, detach
+from ..engine.strategies import map_tasks
 from .sampler import Episodes, advantages, policy_fn
-from .trpo import MetaTRPO, TaskData
+from .trpo import MetaTRPO, TaskData, task_strategy
 
 AdvantageFn = Callable[[Episodes], Tensor]
 
@@ -28,57 +29,75 @@ def advantage_fn(gamma: float, gae_lambda: float, center: bool, baseline_reg: fl
     return functools.partial(advantages, gamma=gamma, lam=gae_lambda, center=center, reg=baseline_reg)
 
 
+def _stack(params: list[Params]) -> Params:
+    return {k: torch.stack([p[k] for p in params]) for k in params[0]}
+
+
+def _unstack(params: Params, n: int) -> list[Params]:
+    return [{k: v[i] for k, v in params.items()} for i in range(n)]
+
+
+def _adapt(
+    learner: MAML, obs: Tensor, targets: tuple, params: Params | list[Params], lr=None, steps: int | None = None
+) -> list[Params]:
+    """Every task's inner step(s) on its own episodes, computed together (``vmap`` over tasks);
+    ``params`` shared by all tasks or one set per task. Detached: for sampling, not for TRPO."""
+    shared = isinstance(params, dict)
+    strategy = task_strategy(learner.model, "auto", second_order=False)
+
+    def one_task(p, o, t):
+        return learner.adapt(o, t, steps=steps, lr=lr, params=p)
+
+    with torch.no_grad():
+        out = map_tasks(
+            one_task,
+            (None if shared else 0, 0, 0),
+            params if shared else _stack(params),
+            obs,
+            targets,
+            strategy=strategy,
+        )
+    return _unstack(detach(out), obs.shape[0])
+
+
 def adapt_tasks(
     learner: MAML, episodes: Episodes, adv: AdvantageFn, params: list[Params], lr: float, steps: int = 1
 ) -> list[Params]:
     """Each task's parameters after ``steps`` REINFORCE steps of size ``lr`` on its own episodes
     (task ``i`` starts from ``params[i]``); detached, for sampling."""
-    a = adv(episodes)
-    return [
-        detach(
-            learner.adapt(
-                episodes.obs[i], (episodes.actions[i], a[i], episodes.mask[i]), steps=steps, lr=lr, params=params[i]
-            )
-        )
-        for i in range(len(params))
-    ]
+    return _adapt(learner, episodes.obs, (episodes.actions, adv(episodes), episodes.mask), params, lr, steps)
 
 
 def sample_meta_batch(
     learner: MAML, family, tasks: Tensor, trajectories: int, adv: AdvantageFn, generator: torch.Generator
-) -> tuple[list[TaskData], dict[str, float]]:
+) -> tuple[TaskData, dict[str, float]]:
     """Sample a meta-batch for TRPO: ``trajectories`` episodes per task with the meta-parameters,
     the learner's inner step on each task, then as many with the adapted parameters (only the
-    latter without inner steps). Returns each task's ``TaskData`` and the mean returns."""
+    latter without inner steps). Returns the ``TaskData`` of all tasks and the mean returns."""
     theta = detach(learner.params())
     info = {}
     pre, targets = None, None
     if learner.inner_steps:
         pre = family.rollout(learner.fmodel, theta, tasks, trajectories, generator)
-        pre_adv = adv(pre)
-        targets = [(pre.actions[i], pre_adv[i], pre.mask[i]) for i in range(len(tasks))]
-        adapted = [detach(learner.adapt(pre.obs[i], targets[i], params=theta)) for i in range(len(tasks))]
+        targets = (pre.actions, adv(pre), pre.mask)
+        adapted = _adapt(learner, pre.obs, targets, theta)
         info["return_pre"] = pre.returns().mean().item()
     else:
         adapted = [theta] * len(tasks)
     post = family.rollout(learner.fmodel, adapted, tasks, trajectories, generator)
-    post_adv = adv(post)
     with torch.no_grad():
         old_mean, old_log_std = policy_fn(learner.fmodel, adapted)(post.obs)
     info["return_post" if pre is not None else "return"] = post.returns().mean().item()
-    data = [
-        TaskData(
-            pre_obs=pre.obs[i] if pre is not None else None,
-            pre_targets=targets[i] if pre is not None else None,
-            obs=post.obs[i],
-            actions=post.actions[i],
-            advantages=post_adv[i],
-            mask=post.mask[i],
-            old_mean=old_mean[i],
-            old_log_std=old_log_std[i],
-        )
-        for i in range(len(tasks))
-    ]
+    data = TaskData(
+        pre_obs=pre.obs if pre is not None else None,
+        pre_targets=targets,
+        obs=post.obs,
+        actions=post.actions,
+        advantages=adv(post),
+        mask=post.mask,
+        old_mean=old_mean,
+        old_log_std=old_log_std,
+    )
     return data, info
 
 

@@ -19,7 +19,8 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from ..engine import MAML
 from ..engine.functional import Params
-from .policy import kl, log_prob, masked_mean
+from ..engine.strategies import candidate_strategies, map_tasks
+from .policy import kl, log_prob
 
 
 def conjugate_gradient(hvp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 10, tol: float = 1e-10) -> Tensor:
@@ -51,10 +52,20 @@ def conjugate_gradient_with_product(
     return x, hx
 
 
+def task_strategy(model: torch.nn.Module, strategy: str = "auto", second_order: bool = True) -> str:
+    """How RL computes its tasks' inner steps: ``strategy`` itself when ``loop`` or ``vmap``;
+    for ``auto`` the loop on a CPU (measured faster there for the policy's second-order
+    products) and vmap elsewhere, never vmap where it would be inexact."""
+    candidates = candidate_strategies(strategy, model, second_order)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return "loop" if on_cpu and "loop" in candidates else candidates[0]
+
+
 @dataclass
 class TaskData:
-    """One task's samples for a meta-update: the pre-update batch the inner step adapts on
-    (``None`` without inner steps) and the post-update batch with its sampling distribution."""
+    """A meta-batch for TRPO, every tensor with a leading task dimension ``[tasks, trajs, time, ...]``:
+    the pre-update episodes the inner step adapts on (``None`` without inner steps; targets are
+    ``(actions, advantages, mask)``) and the post-update episodes with the policy that sampled them."""
 
     pre_obs: Tensor | None
     pre_targets: tuple[Tensor, Tensor, Tensor] | None
@@ -65,10 +76,20 @@ class TaskData:
     old_mean: Tensor
     old_log_std: Tensor
 
+    def __len__(self) -> int:
+        return self.obs.shape[0]
+
 
 class MetaTRPO:
     """One TRPO step on ``maml``'s meta-parameters per call of ``step``; the inner step (size,
-    count, order) is the learner's own."""
+    count, order) is the learner's own.
+
+    The surrogate, KL and Fisher weights are batched tensor maths over all tasks. Each task's
+    inner step and policy outputs run under ``torch.func.vmap`` or in a loop (``strategy``);
+    ``"auto"`` takes the loop on a CPU, where the second-order products through vmap's batched
+    kernels measured slower, and vmap elsewhere (BENCHMARKS.md, "Half-cheetah meta-iteration");
+    never vmap where the policy holds layers whose second-order gradients vmap gets wrong.
+    """
 
     def __init__(
         self,
@@ -79,42 +100,47 @@ class MetaTRPO:
         cg_damping: float = 1e-5,
         backtrack_ratio: float = 0.8,
         max_backtracks: int = 15,
+        strategy: str = "auto",
     ):
         self.maml = maml
         self.max_kl, self.cg_iters, self.cg_damping = max_kl, cg_iters, cg_damping
         self.backtrack_ratio, self.max_backtracks = backtrack_ratio, max_backtracks
+        self.strategy = task_strategy(maml.model, strategy, second_order=maml.inner_steps > 0 and not maml.first_order)
 
-    def adapt(self, data: TaskData, params: Params, create_graph: bool) -> Params:
+    def policy_outputs(self, data: TaskData, params: Params, create_graph: bool) -> tuple[Tensor, Tensor]:
+        """The post-update policy ``(mean, log_std)`` of every task on its post-update observations
+        (``[tasks, trajs, time, a]``), as a function of the meta-parameters ``params`` through
+        each task's inner step."""
         if not self.maml.inner_steps:
-            return params
-        return self.maml.adapt(data.pre_obs, data.pre_targets, params=params, create_graph=create_graph)
+            return self.maml(data.obs, params)
 
-    def policy_outputs(self, tasks: list[TaskData], params: Params, create_graph: bool) -> list[tuple[Tensor, Tensor]]:
-        """Each task's post-update policy ``(mean, log_std)`` on its post-update observations,
-        as a function of the meta-parameters ``params`` (through the inner step)."""
-        return [self.maml(d.obs, self.adapt(d, params, create_graph)) for d in tasks]
+        def one_task(pre_obs, pre_targets, obs):
+            adapted = self.maml.adapt(pre_obs, pre_targets, params=params, create_graph=create_graph)
+            return self.maml(obs, adapted)
 
-    def objectives(self, tasks: list[TaskData], params: Params, create_graph: bool) -> tuple[Tensor, Tensor]:
+        return map_tasks(one_task, (0, 0, 0), data.pre_obs, data.pre_targets, data.obs, strategy=self.strategy)
+
+    def objectives(self, data: TaskData, params: Params, create_graph: bool) -> tuple[Tensor, Tensor]:
         """Mean surrogate and mean KL over tasks, as functions of the meta-parameters ``params``."""
-        return self.surrogate_and_kl(tasks, self.policy_outputs(tasks, params, create_graph))
+        return self.surrogate_and_kl(data, self.policy_outputs(data, params, create_graph))
 
     @staticmethod
-    def surrogate_and_kl(tasks: list[TaskData], outputs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-        """Mean surrogate and mean KL over tasks from the tasks' policy outputs."""
-        surr, kls = [], []
-        for d, (mean, log_std) in zip(tasks, outputs):
-            old_logp = log_prob(d.old_mean, d.old_log_std, d.actions)
-            ratio = torch.exp(log_prob(mean, log_std, d.actions) - old_logp)
-            surr.append(masked_mean(ratio * d.advantages, d.mask))
-            kls.append(masked_mean(kl((d.old_mean, d.old_log_std), (mean, log_std)), d.mask))
-        return torch.stack(surr).mean(), torch.stack(kls).mean()
+    def surrogate_and_kl(data: TaskData, outputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Mean over tasks of each task's surrogate and KL (means over its valid steps)."""
+        mean, log_std = outputs
+        old_logp = log_prob(data.old_mean, data.old_log_std, data.actions)
+        ratio = torch.exp(log_prob(mean, log_std, data.actions) - old_logp)
+        steps = data.mask.sum((1, 2)).clamp_min(1)
+        surr = (ratio * data.advantages * data.mask).sum((1, 2)) / steps
+        kls = (kl((data.old_mean, data.old_log_std), (mean, log_std)) * data.mask).sum((1, 2)) / steps
+        return surr.mean(), kls.mean()
 
     def kl_hvp(
         self,
-        tasks: list[TaskData],
+        data: TaskData,
         params: Params,
         create_graph: bool,
-        outputs: list[tuple[Tensor, Tensor]] | None = None,
+        outputs: tuple[Tensor, Tensor] | None = None,
     ) -> Callable[[Tensor], Tensor]:
         """``v -> (H + damping) v`` with ``H`` the Hessian of the mean KL w.r.t. the meta-parameters.
 
@@ -125,18 +151,18 @@ class MetaTRPO:
         instead of differentiating the KL three times: faster, and equal to rounding
         (BENCHMARKS.md, "Measurements behind design choices").
 
-        ``outputs``: ``policy_outputs(tasks, params, create_graph)`` whose graph is still alive
+        ``outputs``: ``policy_outputs(data, params, create_graph)`` whose graph is still alive
         (``step`` passes the surrogate's, so the inner updates are built once per meta-update);
         by default they are computed anew.
         """
         leaves = list(params.values())
         if outputs is None:
-            outputs = self.policy_outputs(tasks, params, create_graph)
-        flat, weights = [], []
-        for d, (mean, log_std) in zip(tasks, outputs):
-            w = d.mask[..., None] / d.mask.sum().clamp_min(1) / len(tasks)
-            flat += [mean, log_std]
-            weights += [w * torch.exp(-2 * d.old_log_std), 2 * w]
+            outputs = self.policy_outputs(data, params, create_graph)
+        mean, log_std = outputs
+        steps = data.mask.sum((1, 2), keepdim=True).clamp_min(1)
+        w = (data.mask / steps / len(data))[..., None]
+        flat = [mean, log_std]
+        weights = [w * torch.exp(-2 * data.old_log_std), 2 * w]
         # J^T u as a (linear) function of dummy cotangents u; differentiating it w.r.t. u gives J v.
         dummies = [torch.zeros_like(o, requires_grad=True) for o in flat]
         jt = torch.autograd.grad(flat, leaves, dummies, create_graph=True)
@@ -149,33 +175,33 @@ class MetaTRPO:
 
         return hvp
 
-    def step(self, tasks: list[TaskData]) -> dict[str, float]:
+    def step(self, data: TaskData) -> dict[str, float]:
         """Natural gradient direction by conjugate gradient, scaled to the KL bound, then a
         backtracking line search that needs a better surrogate and a KL within the bound."""
         params = self.maml.params()
         leaves = list(params.values())
         create_graph = not self.maml.first_order
         # One graph through the inner updates serves the meta-gradient and every KL product.
-        outputs = self.policy_outputs(tasks, params, create_graph)
-        surr, _ = self.surrogate_and_kl(tasks, outputs)
+        outputs = self.policy_outputs(data, params, create_graph)
+        surr, _ = self.surrogate_and_kl(data, outputs)
         g = parameters_to_vector(torch.autograd.grad(surr, leaves, retain_graph=True))
-        hvp = self.kl_hvp(tasks, params, create_graph, outputs)
+        hvp = self.kl_hvp(data, params, create_graph, outputs)
         direction, h_direction = conjugate_gradient_with_product(hvp, g, self.cg_iters)
         shs = direction @ h_direction
         full_step = math.sqrt(2 * self.max_kl / (shs.item() + 1e-8)) * direction
         stats = {"surrogate": surr.item(), "grad_norm": g.norm().item()}
         del hvp, outputs  # free the graph before the line search
-        return {**stats, **self.line_search(tasks, full_step, surr.item())}
+        return {**stats, **self.line_search(data, full_step, surr.item())}
 
     @torch.no_grad()
-    def line_search(self, tasks: list[TaskData], full_step: Tensor, surr_before: float) -> dict[str, float]:
+    def line_search(self, data: TaskData, full_step: Tensor, surr_before: float) -> dict[str, float]:
         """Try ``backtrack_ratio**k * full_step`` for k = 0, 1, ...; keep the first step with a
         better surrogate and a KL within the bound, else restore the parameters (rllab)."""
         leaves = list(self.maml.params().values())
         old = parameters_to_vector(leaves).detach()
         for k in range(self.max_backtracks):
             vector_to_parameters(old + self.backtrack_ratio**k * full_step, leaves)
-            new_surr, new_kl = self.objectives(tasks, self.maml.params(), create_graph=False)
+            new_surr, new_kl = self.objectives(data, self.maml.params(), create_graph=False)
             if torch.isfinite(new_surr) and new_surr.item() > surr_before and new_kl.item() <= self.max_kl:
                 return {"kl": new_kl.item(), "improvement": new_surr.item() - surr_before, "backtracks": k}
         vector_to_parameters(old, leaves)
