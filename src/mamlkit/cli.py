@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,22 @@ def _experiment_of(run_dir: Path):
 
 
 def cmd_presets(args) -> int:
+    if args.name:
+        raw = config_lib.load_raw(args.name)
+        experiments.build_config(copy.deepcopy(raw))  # validated as a run would be, before it is shown
+
+        class Dumper(yaml.SafeDumper):  # lists of plain values on one line, as the presets write them
+            pass
+
+        Dumper.add_representer(
+            list,
+            lambda d, v: d.represent_sequence(
+                "tag:yaml.org,2002:seq", v, flow_style=not any(isinstance(x, list | dict) for x in v)
+            ),
+        )
+        print(f"# {args.name}, resolved (its base presets merged in); `--set` applies on top of this")
+        print(yaml.dump(raw, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=1000), end="")
+        return 0
     for name in config_lib.preset_names():
         raw = config_lib.load_raw(name)
         print(f"{name:36s} {raw.get('description', '')}")
@@ -81,7 +98,10 @@ def parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="draw a run's figures into RUN_DIR/plots/")
     pl.add_argument("run_dir")
     pl.set_defaults(func=cmd_plot)
-    pr = sub.add_parser("presets", help="list the shipped presets")
+    pr = sub.add_parser("presets", help="list the shipped presets, or print one resolved")
+    pr.add_argument(
+        "name", nargs="?", help="print this preset (or YAML file) as the run would use it, its base presets merged"
+    )
     pr.set_defaults(func=cmd_presets)
     return p
 

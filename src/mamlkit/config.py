@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -102,27 +103,117 @@ def check_pair(v: list[float], key: str) -> None:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("mamlkit.presets").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in _presets_dir().iterdir() if p.name.endswith(".yaml"))
 
 
 def load_raw(preset_or_path: str) -> dict:
-    """A preset name (``mamlkit presets``) or a path to a YAML file."""
+    """A preset name (``mamlkit presets``) or a path to a YAML file, as a raw dict.
+
+    A top-level ``base:`` names another config this one builds on: a shipped preset, or a YAML
+    path (a relative one is resolved against the folder of the file that names it). The base is
+    loaded the same way, its own ``base`` included, and this file's keys are merged over it:
+    mappings key by key, lists and scalars replaced. ``base`` itself is not in the result.
+    """
     path = Path(preset_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
-        text = path.read_text()
+        source = _file_source(path)
     else:
-        res = resources.files("mamlkit.presets") / f"{preset_or_path}.yaml"
-        if not res.is_file():
+        source = _preset_source(preset_or_path)
+        if source is None:
             raise ConfigError(
                 f"unknown preset {preset_or_path!r}; presets are {preset_names()}, or pass a YAML file path"
             )
-        text = res.read_text()
-    raw = yaml.safe_load(text) or {}
+    return _resolve(source, [])
+
+
+class _Source(typing.NamedTuple):
+    """Where a raw config comes from: ``label`` names it in messages, ``key`` identifies the file
+    (to find cycles), ``folder`` is where its relative ``base`` paths start."""
+
+    label: str
+    file: Any  # a Path, or an importlib.resources Traversable for a shipped preset
+    folder: Any
+    key: str
+
+
+def _presets_dir():
+    return resources.files("mamlkit.presets")
+
+
+def _preset_source(name: str) -> _Source | None:
+    res = _presets_dir() / f"{name}.yaml"
+    if not res.is_file():
+        return None
+    key = str(res.resolve()) if isinstance(res, Path) else str(res)
+    return _Source(name, res, _presets_dir(), key)
+
+
+def _file_source(path) -> _Source:
+    if isinstance(path, Path):
+        return _Source(str(path), path, path.parent, str(path.resolve()))
+    return _Source(str(path), path, path.parent, str(path))  # a Traversable inside the presets
+
+
+def _base_source(base: Any, including: _Source) -> _Source:
+    """The config that ``including``'s ``base: <base>`` names."""
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{including.label}: base must be a preset name or a YAML file path (a string), got {base!r}")
+    if base.endswith((".yaml", ".yml")) or "/" in base or os.sep in base:
+        path = Path(base).expanduser()
+        target = path if path.is_absolute() else including.folder / base
+        if not target.is_file():
+            raise ConfigError(f"{including.label}: base {base!r} not found (looked for {target})")
+        return _file_source(target)
+    source = _preset_source(base)
+    if source is None:
+        raise ConfigError(
+            f"{including.label}: unknown base preset {base!r}; presets are {preset_names()}, "
+            "or give a path to a .yaml file"
+        )
+    return source
+
+
+def _resolve(source: _Source, chain: list[_Source]) -> dict:
+    """``source``'s raw dict merged over its base's, recursively; ``chain`` = the files that led here."""
+    if source.key in [s.key for s in chain]:
+        cycle = " -> ".join(s.label for s in [*chain, source])
+        raise ConfigError(f"base: cycle {cycle} (each names the next as its base)")
+    raw = _parse(source)
+    if "base" not in raw:
+        return raw
+    base = raw.pop("base")
+    return _deep_merge(_resolve(_base_source(base, source), [*chain, source]), raw)
+
+
+def _parse(source: _Source) -> dict:
+    where = str(source.file) if source.label == str(source.file) else f"preset {source.label} ({source.file})"
+    try:
+        raw = yaml.safe_load(source.file.read_text())
+    except yaml.YAMLError as e:
+        mark, context = getattr(e, "problem_mark", None), getattr(e, "context", None)
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        started = getattr(e, "context_mark", None)
+        if context and started is not None and (mark is None or started.line != mark.line):
+            context = f"{context} from line {started.line + 1}"
+        what = "; ".join(str(p) for p in (context, getattr(e, "problem", None)) if p) or str(e)
+        raise ConfigError(f"{where}{at}: invalid YAML ({what})") from e
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
-        raise ConfigError(f"{preset_or_path}: expected a mapping at the top level")
+        raise ConfigError(f"{where}: expected a mapping at the top level")
     return raw
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    """``over`` merged into a copy of ``base``: mappings key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

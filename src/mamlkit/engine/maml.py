@@ -120,7 +120,8 @@ class MAML(nn.Module):
         self._fns: dict[str, Callable] = {}
         self._strategy_chosen = False
         # One torch.func.grad transform over the meta-loss beats autograd's backward once compiled
-        # (1,370 vs 790 it/s on the sinusoid preset here) but not in eager mode (286 vs 366).
+        # (a single compiled graph, no autograd graph to walk), but not in eager mode, where
+        # autograd's backward is the faster: see BENCHMARKS.md, sinusoid speed.
         self._functional_grad = compile and not vmap_unsafe_modules(model)
 
     # -- functional pieces -------------------------------------------------------------

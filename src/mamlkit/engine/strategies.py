@@ -10,9 +10,10 @@ from torch.utils._pytree import tree_map
 
 STRATEGIES = ("auto", "loop", "vmap")
 
-# Under vmap, second-order gradients through these layers' fused kernels come out wrong
-# with no error (0.07-1.3% off finite differences, see TRAPS.md); a per-task loop is exact,
-# and the same maths in plain tensor ops (mamlkit.models.layers) is exact under vmap.
+# Under vmap, second-order gradients through these layers' fused kernels come out wrong with
+# no error (0.07-1.3% off finite differences; docs/traps.md#normalisation-layers-under-vmap);
+# a per-task loop is exact, and the same maths in plain tensor ops (mamlkit.models.layers) is
+# exact under vmap.
 _VMAP_UNSAFE_SECOND_ORDER: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,  # BatchNorm*d, InstanceNorm*d
     nn.LayerNorm,
@@ -44,7 +45,8 @@ def candidate_strategies(strategy: str, model: nn.Module, second_order: bool) ->
     if strategy == "vmap" and unsafe:
         raise ValueError(
             "strategy='vmap' would give a silently wrong second-order meta-gradient through "
-            f"the normalisation layers {unsafe} (a torch.func limitation, see TRAPS.md). "
+            f"the normalisation layers {unsafe} (a torch.func limitation, see "
+            "docs/traps.md#normalisation-layers-under-vmap). "
             "Use strategy='loop' or 'auto', first_order=True, or mamlkit.models.layers.BatchNorm "
             "(plain tensor ops, exact under vmap)."
         )

@@ -25,7 +25,7 @@ from ..training.runs import deadline, read_eval, write_eval
 from . import build_maml, load_run
 
 # Mean return over 40 test tasks after 0/1/2/3 steps, from the official code's result files
-# (docs/protocol.md); None = not given.
+# (docs/protocol.md#rl-evaluation); None = not given.
 PAPER = {
     "navigation2d": {"maml": [-40.4, -11.7, -3.33, -3.23], "random": [-82.7, -58.0, -53.8, -46.8], "oracle": [-2.29]},
     "halfcheetah_vel": {

@@ -25,8 +25,8 @@ environments follow the official code:
   (1.0 and 0.5); its contact weight (5e-4) is gymnasium's too.
 
 The ant episode ends when the torso height leaves [0.2, 1.0] (Ant-v5's default healthy range).
-Gymnasium's observations and contact model differ from rllab's (see PAPER.md): returns are
-comparable with the paper in shape and ordering, not to the decimal.
+Gymnasium's observations and contact model differ from rllab's (see docs/protocol.md#rl-mujoco):
+returns are comparable with the paper in shape and ordering, not to the decimal.
 """
 
 from __future__ import annotations

@@ -61,9 +61,9 @@ class FewShotTasks:
         if rotate:
             # The 4 rotated copies of the dataset, made once: a batch then picks (rotation, class,
             # example) rows with a single index_select, so rotating costs nothing per batch. Rotating
-            # each batch instead (a gather with a per-row pixel permutation) doubled the batch time
-            # on CPU; the price is 4x the dataset's device memory (~0.3 GB for Omniglot's 1100
-            # training characters in float32).
+            # each batch instead (a gather with a per-row pixel permutation) was much slower
+            # (BENCHMARKS.md, "Measurements behind design choices"); the price is 4x the dataset's
+            # device memory (~0.3 GB for Omniglot's 1100 training characters in float32).
             images = torch.stack([torch.rot90(images, r, dims=(-2, -1)) for r in range(4)])
         self._flat = images.reshape(-1, channels, height, width)
 
@@ -82,7 +82,7 @@ class FewShotTasks:
         n, k, q, dev = self.n_way, self.k_shot, self.q_query, self.device
         # The top-m indices of i.i.d. uniforms are a uniform random m-subset in random order, batched
         # over tasks: distinct classes per task, distinct examples per class (support ∩ query = ∅).
-        # topk rather than a full argsort: ~40x faster on CPU for 1100 Omniglot classes.
+        # topk rather than a full argsort, which sorts every class only to keep N of them.
         classes = torch.rand(n_tasks, self.n_classes, generator=generator, device=dev).topk(n, dim=1).indices
         examples = torch.rand(n_tasks, n, self.n_per_class, generator=generator, device=dev).topk(k + q, dim=2).indices
         labels = torch.rand(n_tasks, n, generator=generator, device=dev).argsort(dim=1)
@@ -93,7 +93,7 @@ class FewShotTasks:
             index = index + turns * (self.n_classes * self.n_per_class)
         # All support rows first, then all query rows: both halves of the gathered tensor are then
         # contiguous [T, N*K | N*Q, ...] views, with no copy to split them. index_select on the flat
-        # view is ~15x faster on CPU than advanced indexing with two index tensors.
+        # view beats advanced indexing with two index tensors by far (BENCHMARKS.md).
         rows = torch.cat([index[..., :k].reshape(-1), index[..., k:].reshape(-1)])
         x = self._flat.index_select(0, rows).float()
         if self.scale is not None:
