@@ -12,6 +12,7 @@ import yaml
 
 from . import config as config_lib
 from . import experiments
+from .training import distributed
 
 
 def _experiment_of(run_dir: Path):
@@ -54,14 +55,24 @@ def cmd_train(args) -> int:
         raw = config_lib.load_raw(args.config)
     cfg = experiments.build_config(config_lib.apply_overrides(raw, args.set))
     exp = experiments.get(cfg.experiment)
-    finished = exp.train(cfg, out, resume=args.resume, progress=not args.quiet)
+    distributed.setup(cfg.train.device)  # under torchrun: join the other ranks
+    main = distributed.is_main()
+    if distributed.active() and main:
+        print(f"{distributed.world_size()} processes: each computes its share of every meta-batch")
+    try:
+        finished = exp.train(cfg, out, resume=args.resume, progress=not args.quiet)
+    finally:
+        distributed.teardown()
     if not finished:
         return 130
-    print(f"trained: {out}   next: mamlkit eval {out}")
+    if main:
+        print(f"trained: {out}   next: mamlkit eval {out}")
     return 0
 
 
 def cmd_eval(args) -> int:
+    if int(os.environ.get("RANK", "0")):  # evaluation is one process's work; under torchrun rank 0 does it
+        return 0
     run_dir = Path(args.run_dir)
     results = _experiment_of(run_dir).evaluate(run_dir, device=args.device, overrides=args.set)
     print((run_dir / "eval.md").read_text() if (run_dir / "eval.md").exists() else results)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..engine import TaskBatch
 from . import checkpoint as ckpt
+from . import distributed
 from .metrics import MetricLog
 
 CHECKPOINT = "checkpoint.pt"
@@ -53,7 +54,12 @@ def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
 class AdamUpdate:
     """Supervised MAML's outer step: the meta-gradient of a batch from ``sample(generator)``
     (``learner.meta_backward``), clipped elementwise to ``[-grad_clip, grad_clip]`` if given,
-    then one Adam step."""
+    then one Adam step.
+
+    Under ``torchrun`` every rank draws the same batch from the shared task stream and computes
+    its own share of the tasks; the shares' meta-gradients and losses are summed, weighted by
+    task counts, so every rank takes the same step as one process would.
+    """
 
     def __init__(
         self,
@@ -68,7 +74,18 @@ class AdamUpdate:
     def step(self, generator: torch.Generator) -> dict[str, Tensor]:
         batch = self.sample(generator)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.learner.meta_backward(batch)
+        if not distributed.active():
+            loss = self.learner.meta_backward(batch)
+        else:
+            n = torch.utils._pytree.tree_leaves(batch.support_inputs)[0].shape[0]
+            part = distributed.shard(n)
+            loss = self.learner.meta_backward(TaskBatch(*torch.utils._pytree.tree_map(lambda t: t[part], tuple(batch))))
+            share = (part.stop - part.start) / n
+            grads = [p.grad for p in self.learner.parameters() if p.grad is not None]
+            for g in grads:
+                g.mul_(share)
+            loss = loss * share
+            distributed.all_reduce_sum_([*grads, loss])
         if self.grad_clip:
             for p in self.learner.parameters():
                 if p.grad is not None:
@@ -131,6 +148,8 @@ class Trainer:
         return self.run_dir / CHECKPOINT
 
     def save(self) -> None:
+        if not distributed.is_main():
+            return
         ckpt.save_atomic(
             {
                 "iteration": self.iteration,
@@ -145,7 +164,12 @@ class Trainer:
 
     def _maybe_save_best(self, row: dict) -> None:
         """Keep the weights with the best validation score (``select_on``, higher is better)."""
-        if self.select_on is None or self.select_on not in row or not row[self.select_on] > self.best:
+        if (
+            not distributed.is_main()
+            or self.select_on is None
+            or self.select_on not in row
+            or not row[self.select_on] > self.best
+        ):
             return
         self.best = row[self.select_on]
         ckpt.save_atomic(
@@ -159,7 +183,8 @@ class Trainer:
         )
 
     def restore(self) -> None:
-        state = ckpt.load(self.checkpoint_path)
+        # Rank 0 reads the checkpoint and hands it to the others (no shared disk needed).
+        state = distributed.broadcast(ckpt.load(self.checkpoint_path) if distributed.is_main() else None)
         self.learner.load_state_dict(state["learner"])
         # Checkpoints written before the update piece existed keep Adam's state as "optimizer".
         update_state = state.get("update", state.get("optimizer"))
@@ -170,20 +195,29 @@ class Trainer:
         self.best = state.get("best", float("-inf"))
 
     def fit(self, resume: bool = False, progress: bool = True) -> bool:
-        """Train to ``iterations``; returns False if stopped early (checkpoint saved)."""
-        if self.checkpoint_path.exists():
+        """Train to ``iterations``; returns False if stopped early (checkpoint saved).
+
+        Under ``torchrun`` rank 0 alone logs, validates and writes checkpoints; a stop (signal or
+        time limit) on any rank stops every rank after the same iteration."""
+        exists = distributed.broadcast(self.checkpoint_path.exists())
+        if exists:
             if not resume:
                 raise RunExistsError(
                     f"{self.run_dir} already holds a run; pass --resume to continue it or --out for a new one"
                 )
             self.restore()
         if self.iteration >= self.iterations:
-            if not self.checkpoint_path.exists():  # nothing to train (the random-init baseline)
+            if not exists:  # nothing to train (the random-init baseline)
                 self.save()
             return True
-        log = MetricLog(self.run_dir, resume_from=self.iteration)
+        main = distributed.is_main()
+        log = MetricLog(self.run_dir, resume_from=self.iteration) if main else _NoLog()
         bar = tqdm(
-            total=self.iterations, initial=self.iteration, desc=self.name, disable=not progress, dynamic_ncols=True
+            total=self.iterations,
+            initial=self.iteration,
+            desc=self.name,
+            disable=not (progress and main),
+            dynamic_ncols=True,
         )
         window = _Window()
         start = self.iteration
@@ -193,12 +227,12 @@ class Trainer:
                     window.add(self.update.step(self.generator))
                     self.iteration += 1
                     it, final = self.iteration, self.iteration == self.iterations
-                    if it == start + 1 and getattr(self.learner, "strategy_timings", None):
+                    if it == start + 1 and main and getattr(self.learner, "strategy_timings", None):
                         ms = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.learner.strategy_timings.items())
                         bar.write(f"{self.name}: strategy {self.learner.strategy} (measured: {ms})")
                     if it % self.log_every == 0 or final:
                         count, row = window.count, window.flush()
-                        if self.validate and self.validate_every and (it % self.validate_every == 0 or final):
+                        if main and self.validate and self.validate_every and (it % self.validate_every == 0 or final):
                             row.update(self.validate())
                             self._maybe_save_best(row)
                         log.log(it, **row)
@@ -207,17 +241,27 @@ class Trainer:
                         window.restart_clock()  # validation and logging do not count as training time
                     if it % self.checkpoint_every == 0 or final:
                         self.save()
-                    if stop.is_set() or (not final and time.monotonic() > self.deadline):
+                    if distributed.any_rank(stop.is_set() or (not final and time.monotonic() > self.deadline)):
                         if window.count:  # the partial window's metrics, so the log ends where training did
                             log.log(it, **window.flush())
                         self.save()
-                        why = "stopped" if stop.is_set() else "time limit reached"
+                        why = "time limit reached" if time.monotonic() > self.deadline else "stopped"
                         bar.write(f"{why} at iteration {it}; checkpoint saved to {self.checkpoint_path} (--resume)")
                         return False
         finally:
             bar.close()
             log.close()
         return True
+
+
+class _NoLog:
+    """The metric log of ranks other than 0: they compute, rank 0 writes."""
+
+    def log(self, iteration: int, **values) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _Window:

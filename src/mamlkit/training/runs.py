@@ -9,16 +9,19 @@ from pathlib import Path
 import torch
 
 from .. import config as config_lib
+from . import distributed
 
 
 def start_run(cfg, run_dir: str | Path, resume: bool) -> Path:
     """Create ``run_dir``, save the resolved config in it and apply ``train.threads``; refuse to
     reuse a run's directory without ``resume`` (its config and checkpoints stay as they were)."""
     run_dir = Path(run_dir)
-    if (run_dir / "config.yaml").exists() and not resume:
+    if distributed.broadcast((run_dir / "config.yaml").exists()) and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or --out for a new one")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.dump(cfg, run_dir / "config.yaml")
+    if distributed.is_main():  # under torchrun, rank 0 alone writes the run's files
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_lib.dump(cfg, run_dir / "config.yaml")
+    distributed.barrier()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     return run_dir
