@@ -8,18 +8,19 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from . import config as config_lib
 from . import experiments
-from .training import distributed
+from .training import distributed, runs
 
 
 def _experiment_of(run_dir: Path):
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a run directory made by `mamlkit train`?")
-    return experiments.get(yaml.safe_load(cfg_path.read_text()).get("experiment", "sinusoid"))
+    return experiments.get(config_lib.load_raw(str(cfg_path)).get("experiment", "sinusoid"))
 
 
 def cmd_presets(args) -> int:
@@ -48,19 +49,29 @@ def cmd_presets(args) -> int:
 def cmd_train(args) -> int:
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     saved = out / "config.yaml"
-    if args.resume and saved.is_file():
-        print(f"resuming {out} with its saved config")
-        raw = yaml.safe_load(saved.read_text())
+    changes = None
+    if args.resume:
+        if not saved.is_file():
+            raise FileNotFoundError(f"{out} holds no run to resume (no config.yaml); start it without --resume")
+        raw = config_lib.load_raw(str(saved))
+        cfg = experiments.build_config(config_lib.apply_overrides(copy.deepcopy(raw), args.set))
+        # Nothing is written until the resume is known to continue the same experiment.
+        changes = runs.check_resume(config_lib.to_dict(experiments.build_config(raw)), config_lib.to_dict(cfg))
     else:
-        raw = config_lib.load_raw(args.config)
-    cfg = experiments.build_config(config_lib.apply_overrides(raw, args.set))
+        cfg = experiments.build_config(config_lib.apply_overrides(config_lib.load_raw(args.config), args.set))
+    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={cfg.train.device} but no CUDA GPU is visible; use train.device=cpu or auto")
     exp = experiments.get(cfg.experiment)
     distributed.setup(cfg.train.device)  # under torchrun: join the other ranks
     main = distributed.is_main()
     if distributed.active() and main:
         print(f"{distributed.world_size()} processes: each computes its share of every meta-batch")
     try:
-        finished = exp.train(cfg, out, resume=args.resume, progress=not args.quiet)
+        finished = exp.train(cfg, out, resume=args.resume, progress=not args.quiet, changes=changes)
+    except BaseException as e:
+        if not args.resume and not isinstance(e, runs.RunLockedError | FileExistsError):
+            runs.abandon_if_untrained(out)  # a failed start leaves nothing that blocks the corrected command
+        raise
     finally:
         distributed.teardown()
     if not finished:
@@ -74,7 +85,8 @@ def cmd_eval(args) -> int:
     if int(os.environ.get("RANK", "0")):  # evaluation is one process's work; under torchrun rank 0 does it
         return 0
     run_dir = Path(args.run_dir)
-    results = _experiment_of(run_dir).evaluate(run_dir, device=args.device, overrides=args.set)
+    models = [m.strip() for m in args.models.split(",")] if args.models else None
+    results = _experiment_of(run_dir).evaluate(run_dir, device=args.device, overrides=args.set, models=models)
     print((run_dir / "eval.md").read_text() if (run_dir / "eval.md").exists() else results)
     print(f"written: {run_dir / 'eval.json'}, {run_dir / 'eval.md'}")
     return 0
@@ -105,6 +117,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--set", action="append", default=[], metavar="eval.KEY=VALUE", help="change an eval setting, e.g. eval.steps=5"
     )
+    e.add_argument("--models", help="comma-separated models to evaluate (default: every model the run trained)")
     e.set_defaults(func=cmd_eval)
     pl = sub.add_parser("plot", help="draw a run's figures into RUN_DIR/plots/")
     pl.add_argument("run_dir")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 import types
 import typing
@@ -91,6 +92,12 @@ class TrainConfig:
     grad_clip: float | None = spec(None, low=0.0, doc="clip meta-gradients elementwise to [-c, c]")
     time_limit: float = spec(
         0.0, low=0.0, doc="stop (checkpoint saved, resumable) after this many seconds of training; 0 = no limit"
+    )
+    nonfinite: str = spec(
+        "stop",
+        choices=("stop", "skip"),
+        doc="a batch whose meta-loss or meta-gradient is nan/inf: stop (the last checkpoint kept, exit non-zero) "
+        "or skip it (counted in metrics.csv as 'skipped')",
     )
 
 
@@ -322,6 +329,8 @@ def _check_value(key: str, value: Any, meta) -> Any:
         raise ConfigError(f"{key}: {value!r} not allowed; choose from {list(choices)}")
     items = value if isinstance(value, list) else [value]
     for v in items:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key}: {v!r} is not a finite number")
         if isinstance(v, int | float) and not isinstance(v, bool):
             if (low is not None and v < low) or (high is not None and v > high):
                 rng = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"

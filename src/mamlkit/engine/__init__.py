@@ -1,5 +1,6 @@
 """The MAML engine: inner loop and meta-gradient over a functional view of any nn.Module."""
 
+from .errors import NonFinite
 from .functional import FunctionalModel, Params, select_names
 from .maml import MAML, TaskBatch
 from .strategies import STRATEGIES, map_tasks, vmap_unsafe_modules
@@ -13,4 +14,5 @@ __all__ = [
     "map_tasks",
     "STRATEGIES",
     "vmap_unsafe_modules",
+    "NonFinite",
 ]

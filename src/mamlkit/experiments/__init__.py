@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from importlib import import_module
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from ..config import kwargs_for
 from ..training import checkpoint as ckpt
 from .configs import CONFIGS, build_config, load_config, override_eval
 
-__all__ = ["CONFIGS", "build_config", "load_config", "override_eval", "get", "build_maml", "load_run"]
+__all__ = ["CONFIGS", "build_config", "load_config", "override_eval", "get", "build_maml", "load_run", "trained_models"]
 
 
 def get(name: str):
@@ -25,6 +26,31 @@ def build_maml(model, loss_fn, cfg, **overrides):
     from ..engine import MAML
 
     return MAML(model, loss_fn, **{**kwargs_for(MAML, cfg), **overrides})
+
+
+def trained_models(run_dir: str | Path, known: Iterable[str], chosen: Sequence[str] | None = None) -> list[str]:
+    """The models of a run to evaluate, in ``known``'s order: ``chosen`` (each must have a
+    checkpoint), or every model the run's config lists, refused if any has no checkpoint, so an
+    evaluation never silently leaves a model out."""
+    from ..config import load_raw
+    from ..training import CHECKPOINT
+
+    run_dir = Path(run_dir)
+    listed = load_raw(str(run_dir / "config.yaml")).get("models", [])
+    present = [k for k in known if (run_dir / k / CHECKPOINT).exists()]
+    if chosen:
+        unknown = [k for k in chosen if k not in present]
+        if unknown:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint for {unknown}; trained models here: {present}")
+        return [k for k in known if k in chosen]
+    missing = [k for k in listed if k not in present]
+    if missing or not present:
+        raise FileNotFoundError(
+            f"{run_dir}: the run lists models {listed} but {missing or listed} have no checkpoint "
+            f"({run_dir}/<model>/{CHECKPOINT}); finish training with `mamlkit train ... --out {run_dir} --resume`, "
+            f"or evaluate the others with --models {','.join(present) or 'NAME'}"
+        )
+    return present
 
 
 def load_run(checkpoint: str | Path, device: str | None = None, overrides: list[str] = ()) -> tuple[object, dict]:

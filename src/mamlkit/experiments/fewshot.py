@@ -82,8 +82,10 @@ def _test_lr(cfg: FewShotConfig):
     return None if cfg.maml.learn_inner_lr else cfg.maml.inner_lr
 
 
-def train(cfg: FewShotConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> bool:
-    run_dir = start_run(cfg, run_dir, resume)
+def train(
+    cfg: FewShotConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, changes: dict | None = None
+) -> bool:
+    run_dir = start_run(cfg, run_dir, resume, changes)
     t = cfg.train
     torch.manual_seed(t.seed)
     learner = make_learner(cfg)
@@ -115,6 +117,8 @@ def train(cfg: FewShotConfig, run_dir: str | Path, resume: bool = False, progres
         select_on="val_acc" if validate else None,
         deadline=deadline(t.time_limit),
         name=run_dir.name,
+        nonfinite=t.nonfinite,
+        hint=f"a step size too large (train.meta_lr={t.meta_lr:g}, maml.inner_lr={cfg.maml.inner_lr:g})",
     )
     return trainer.fit(resume=resume, progress=progress)
 
@@ -134,9 +138,17 @@ def load_learner(
     return learner, cfg, {"checkpoint": path.name, "iteration": state["iteration"], "val_acc": state.get("val_acc")}
 
 
-def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = True, overrides: list[str] = ()) -> dict:
+def evaluate(
+    run_dir: str | Path,
+    device: str | None = None,
+    progress: bool = True,
+    overrides: list[str] = (),
+    models: list[str] | None = None,
+) -> dict:
     """Test accuracy (mean ± 95% CI) after 0..steps steps, per query protocol; writes eval.json/eval.md."""
     run_dir = Path(run_dir)
+    if models:
+        raise ValueError("a few-shot run trains one model; evaluate it without --models")
     learner, cfg, source = load_learner(run_dir, device, overrides)
     test_images = load_split(cfg, "test")
     results = {

@@ -22,7 +22,7 @@ from ..rl.tasks import MujocoTasks, NavigationTasks, make_tasks
 from ..rl.trpo import MetaTRPO
 from ..training import CHECKPOINT, Trainer, mean_ci, start_run
 from ..training.runs import deadline, read_eval, write_eval
-from . import build_maml, load_run
+from . import build_maml, load_run, trained_models
 
 # Mean return over 40 test tasks after 0/1/2/3 steps, from the official code's result files
 # (docs/protocol.md#rl-evaluation); None = not given.
@@ -75,9 +75,11 @@ def make_update(cfg: RLConfig, learner: MAML, family) -> MetaTRPOUpdate:
     return MetaTRPOUpdate(trpo, family, t.meta_batch_size, t.trajectories, _advantages(cfg), t.device)
 
 
-def train(cfg: RLConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> bool:
+def train(
+    cfg: RLConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, changes: dict | None = None
+) -> bool:
     """Train every model in ``cfg.models`` into ``run_dir/<kind>/``; False if interrupted."""
-    run_dir = start_run(cfg, run_dir, resume)
+    run_dir = start_run(cfg, run_dir, resume, changes)
     t = cfg.train
     stop_at = deadline(t.time_limit)
     for i, kind in enumerate(cfg.models):
@@ -97,6 +99,8 @@ def train(cfg: RLConfig, run_dir: str | Path, resume: bool = False, progress: bo
             metadata={"kind": kind, "config": to_dict(cfg)},
             deadline=stop_at,
             name=kind,
+            nonfinite=t.nonfinite,
+            hint=f"a step too large (maml.inner_lr={cfg.maml.inner_lr:g}, algo.max_kl={cfg.algo.max_kl:g})",
             show=("return_post", "return"),
         )
         if not trainer.fit(resume=resume, progress=progress):
@@ -115,14 +119,18 @@ def load_learner(
     return learner, cfg, state["iteration"], family
 
 
-def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = True, overrides: list[str] = ()) -> dict:
+def evaluate(
+    run_dir: str | Path,
+    device: str | None = None,
+    progress: bool = True,
+    overrides: list[str] = (),
+    models: list[str] | None = None,
+) -> dict:
     """Returns on ``eval.num_tasks`` fixed test tasks after 0..``eval.steps`` gradient steps for each
     trained model (mean ± 95% CI over tasks); the oracle takes no step. With ``eval.tune_inner_lrs``
     each model's step sizes are first chosen on validation tasks. Writes eval.json, eval.md."""
     run_dir = Path(run_dir)
-    kinds = [k for k in MODELS if (run_dir / k / CHECKPOINT).exists()]
-    if not kinds:
-        raise FileNotFoundError(f"{run_dir} holds no checkpoint (expected {run_dir}/maml/{CHECKPOINT}); train first")
+    kinds = trained_models(run_dir, MODELS, models)
     results: dict = {"models": {}}
     for kind in tqdm(kinds, desc="eval", disable=not progress):
         learner, cfg, iteration, family = load_learner(run_dir, kind, device, overrides)

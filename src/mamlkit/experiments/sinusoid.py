@@ -13,7 +13,7 @@ from ..models import mlp, official_init_
 from ..tasks import SinusoidTasks
 from ..training import CHECKPOINT, AdamUpdate, Trainer, mean_ci, start_run
 from ..training.runs import deadline, read_eval, write_eval
-from . import build_maml, load_run
+from . import build_maml, load_run, trained_models
 from .configs import SinusoidConfig
 
 KINDS = ("maml", "pretrained", "oracle")
@@ -53,9 +53,11 @@ def make_sampler(cfg: SinusoidConfig, kind: str, tasks: SinusoidTasks):
     return pooled
 
 
-def train(cfg: SinusoidConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> bool:
+def train(
+    cfg: SinusoidConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, changes: dict | None = None
+) -> bool:
     """Train every model in ``cfg.models`` into ``run_dir/<kind>/``; False if interrupted."""
-    run_dir = start_run(cfg, run_dir, resume)
+    run_dir = start_run(cfg, run_dir, resume, changes)
     t = cfg.train
     stop_at = deadline(t.time_limit)
     for i, kind in enumerate(cfg.models):
@@ -73,6 +75,8 @@ def train(cfg: SinusoidConfig, run_dir: str | Path, resume: bool = False, progre
             metadata={"kind": kind, "config": to_dict(cfg)},
             deadline=stop_at,
             name=kind,
+            nonfinite=t.nonfinite,
+            hint=f"a step size too large (train.meta_lr={t.meta_lr:g}, maml.inner_lr={cfg.maml.inner_lr:g})",
         )
         if not trainer.fit(resume=resume, progress=progress):
             return False
@@ -101,16 +105,20 @@ def test_tasks(cfg: SinusoidConfig, kind: str, n: int, k: int, seed: int) -> Tas
     return TaskBatch(sx[:, :k], sy[:, :k], qx, qy)
 
 
-def evaluate(run_dir: str | Path, device: str | None = None, progress: bool = True, overrides: list[str] = ()) -> dict:
+def evaluate(
+    run_dir: str | Path,
+    device: str | None = None,
+    progress: bool = True,
+    overrides: list[str] = (),
+    models: list[str] | None = None,
+) -> dict:
     """MSE after 0..steps gradient steps on K-shot support sets, for each trained model.
 
     The pretrained model's step size is tuned per K on held-out tasks (mean MSE over steps
     1..steps); the oracle needs no step. Writes ``eval.json`` and ``eval.md``.
     """
     run_dir = Path(run_dir)
-    kinds = [k for k in KINDS if (run_dir / k / CHECKPOINT).exists()]
-    if not kinds:
-        raise FileNotFoundError(f"{run_dir} holds no checkpoint (expected {run_dir}/maml/{CHECKPOINT}); train first")
+    kinds = trained_models(run_dir, KINDS, models)
     results: dict = {"models": {}}
     for kind in kinds:
         learner, cfg, state = load_learner(run_dir, kind, device, overrides)

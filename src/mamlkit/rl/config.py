@@ -81,6 +81,12 @@ class RLTrainConfig:
         doc="seconds of training (all models together) after which it stops as Ctrl-C does, with a "
         "checkpoint that --resume continues; 0 = no limit",
     )
+    nonfinite: str = spec(
+        "stop",
+        choices=("stop", "skip"),
+        doc="a meta-batch whose surrogate or its gradient is nan/inf: stop (the last checkpoint kept, exit "
+        "non-zero) or skip it (counted in metrics.csv as 'skipped')",
+    )
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from ..engine import MAML
+from ..engine import MAML, NonFinite
 from ..engine.functional import Params
 from ..engine.strategies import candidate_strategies, map_tasks
 from .policy import kl, log_prob
@@ -185,6 +185,8 @@ class MetaTRPO:
         outputs = self.policy_outputs(data, params, create_graph)
         surr, _ = self.surrogate_and_kl(data, outputs)
         g = parameters_to_vector(torch.autograd.grad(surr, leaves, retain_graph=True))
+        if not torch.isfinite(surr) or not torch.isfinite(g).all():
+            raise NonFinite("surrogate" if not torch.isfinite(surr) else "surrogate's gradient")
         hvp = self.kl_hvp(data, params, create_graph, outputs)
         direction, h_direction = conjugate_gradient_with_product(hvp, g, self.cg_iters)
         shs = direction @ h_direction

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..engine import TaskBatch
+from ..engine import NonFinite, TaskBatch
 from . import checkpoint as ckpt
 from . import distributed
 from .metrics import MetricLog
@@ -30,6 +30,16 @@ BEST = "best.pt"
 
 class RunExistsError(RuntimeError):
     pass
+
+
+class DivergedError(RuntimeError):
+    """Training stopped at a batch whose meta-loss or meta-gradient is not finite."""
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite (one device synchronisation)."""
+    tensors = [t for t in tensors if t is not None]
+    return bool(torch.stack([n for n in torch._foreach_norm(tensors)]).isfinite().all()) if tensors else True
 
 
 class Update(Protocol):
@@ -86,6 +96,10 @@ class AdamUpdate:
                 g.mul_(share)
             loss = loss * share
             distributed.all_reduce_sum_([*grads, loss])
+        if not all_finite([loss.reshape(1)]):
+            raise NonFinite("meta-loss")
+        if not all_finite([p.grad for p in self.learner.parameters()]):
+            raise NonFinite("meta-gradient")
         if self.grad_clip:
             for p in self.learner.parameters():
                 if p.grad is not None:
@@ -112,6 +126,11 @@ class Trainer:
     ``deadline`` (a ``time.monotonic()`` value) stops training as Ctrl-C does once passed:
     the checkpoint is saved and ``--resume`` continues. ``show`` names the metrics the progress
     bar displays.
+
+    A batch whose meta-loss or meta-gradient is not finite (the update raises ``NonFinite``
+    before it changes anything) stops training with ``DivergedError``, keeping the last
+    checkpoint and ``best.pt`` (``nonfinite="stop"``), or is skipped and counted
+    (``nonfinite="skip"``); ``hint`` names the likely cause in the message.
     """
 
     def __init__(
@@ -131,6 +150,8 @@ class Trainer:
         deadline: float = float("inf"),
         name: str = "train",
         show: tuple[str, ...] = ("loss",),
+        nonfinite: str = "stop",
+        hint: str = "",
     ):
         self.run_dir = Path(run_dir)
         self.learner, self.update, self.generator = learner, update, generator
@@ -141,6 +162,7 @@ class Trainer:
         self.best = float("-inf")
         self.deadline = deadline
         self.name, self.show = name, show
+        self.nonfinite, self.hint = nonfinite, hint
         self.iteration = 0
 
     @property
@@ -206,6 +228,8 @@ class Trainer:
                     f"{self.run_dir} already holds a run; pass --resume to continue it or --out for a new one"
                 )
             self.restore()
+            if distributed.is_main():
+                print(f"{self.name}: resuming from iteration {self.iteration} ({self.checkpoint_path})")
         if self.iteration >= self.iterations:
             if not exists:  # nothing to train (the random-init baseline)
                 self.save()
@@ -224,7 +248,12 @@ class Trainer:
         try:
             with _stop_requests() as stop:
                 while self.iteration < self.iterations:
-                    window.add(self.update.step(self.generator))
+                    try:
+                        window.add(self.update.step(self.generator))
+                    except NonFinite as e:
+                        if self.nonfinite != "skip":
+                            raise self._diverged(e) from None
+                        window.add({"skipped": 1.0})
                     self.iteration += 1
                     it, final = self.iteration, self.iteration == self.iterations
                     if it == start + 1 and main and getattr(self.learner, "strategy_timings", None):
@@ -240,6 +269,9 @@ class Trainer:
                         bar.update(count)
                         window.restart_clock()  # validation and logging do not count as training time
                     if it % self.checkpoint_every == 0 or final:
+                        if window.count:  # a row ends at every checkpoint: a resume then logs each iteration once
+                            log.log(it, **window.flush())
+                            window.restart_clock()
                         self.save()
                     if distributed.any_rank(stop.is_set() or (not final and time.monotonic() > self.deadline)):
                         if window.count:  # the partial window's metrics, so the log ends where training did
@@ -253,6 +285,21 @@ class Trainer:
             log.close()
         return True
 
+    def _diverged(self, e: NonFinite) -> DivergedError:
+        path = self.checkpoint_path
+        kept = (
+            f"the last checkpoint ({path}, iteration {ckpt.load(path)['iteration']}) is kept"
+            if path.exists()
+            else "no checkpoint had been written yet"
+        )
+        return DivergedError(
+            f"{self.name}: at iteration {self.iteration + 1} {e}; training stopped before that update, "
+            f"so no weights were changed by it, and {kept}"
+            + (" with best.pt" if (self.run_dir / BEST).exists() else "")
+            + f". Likely cause: {self.hint or 'a step size too large'}. "
+            "Or set train.nonfinite=skip to skip such batches."
+        )
+
 
 class _NoLog:
     """The metric log of ranks other than 0: they compute, rank 0 writes."""
@@ -265,11 +312,13 @@ class _NoLog:
 
 
 class _Window:
-    """Metrics summed over the iterations since the last log row; tensors stay on their device
-    until the row is written, so logging costs one synchronisation per row."""
+    """Metrics over the iterations since the last log row: each the mean over the iterations that
+    reported it, but ``skipped``, a count. Tensors stay on their device until the row is
+    written, so logging costs one synchronisation per row."""
 
     def __init__(self):
         self.sums: dict = {}
+        self.counts: dict[str, int] = {}
         self.count = 0
         self.t0 = time.perf_counter()
 
@@ -277,12 +326,13 @@ class _Window:
         for k, v in metrics.items():
             v = v.detach() if isinstance(v, Tensor) else v
             self.sums[k] = v if k not in self.sums else self.sums[k] + v
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.count += 1
 
     def flush(self) -> dict[str, float]:
-        row = {k: float(v) / self.count for k, v in self.sums.items()}
+        row = {k: float(v) / (1 if k == "skipped" else self.counts[k]) for k, v in self.sums.items()}
         row["its_per_s"] = self.count / (time.perf_counter() - self.t0)
-        self.sums, self.count = {}, 0
+        self.sums, self.counts, self.count = {}, {}, 0
         return row
 
     def restart_clock(self) -> None:

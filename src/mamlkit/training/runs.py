@@ -1,8 +1,12 @@
-"""Run directories: starting one (its config, the thread count), the time limit, writing results."""
+"""Run directories: starting one (its lock, config and log, the thread count), what a resume may
+change, the time limit, reading and writing results."""
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
+import os
 import time
 from pathlib import Path
 
@@ -11,20 +15,125 @@ import torch
 from .. import config as config_lib
 from . import distributed
 
+LOCK = ".lock"
+LOG = "run.log"
+# Settings a resumed run may change: they cannot change what is learned (how long, how often it
+# logs and saves, where and how fast it computes, what evaluation does). Any other change would
+# mix two experiments in one run.
+RESUMABLE = (
+    "description",
+    "train.iterations",
+    "train.time_limit",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.validate_every",
+    "train.device",
+    "train.threads",
+    "train.nonfinite",
+    "maml.strategy",
+    "maml.compile",
+    "maml.cuda_graphs",
+    "eval.*",
+)
 
-def start_run(cfg, run_dir: str | Path, resume: bool) -> Path:
-    """Create ``run_dir``, save the resolved config in it and apply ``train.threads``; refuse to
-    reuse a run's directory without ``resume`` (its config and checkpoints stay as they were)."""
+_held: dict[Path, int] = {}  # run directory -> the open file descriptor of its lock
+
+
+class RunLockedError(RuntimeError):
+    pass
+
+
+def lock(run_dir: Path) -> None:
+    """Hold ``run_dir`` for this process (an advisory ``flock``, released when the process ends,
+    however it ends: a killed run leaves no lock behind). Another holder is named and refused."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunLockedError(
+            f"{run_dir} is in use by {holder}; wait for it to finish (or stop it), or train into another --out"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {os.uname().nodename} since {_now()}".encode())
+    _held[run_dir] = fd
+
+
+def changed_settings(saved: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
+    """``{key: (saved value, new value)}`` for every setting that differs between two config dicts."""
+    out = {}
+    for k in sorted(set(saved) | set(new)):
+        a, b = saved.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(changed_settings(a, b, f"{prefix}{k}."))
+        elif a != b:
+            out[f"{prefix}{k}"] = (a, b)
+    return out
+
+
+def check_resume(saved: dict, new: dict) -> dict[str, tuple]:
+    """The changes a resume makes to a run's config; refused (``ConfigError`` listing them) when
+    any of them could change what is learned."""
+    changes = changed_settings(saved, new)
+    refused = {
+        k: v
+        for k, v in changes.items()
+        if k not in RESUMABLE and not any(k.startswith(p[:-1]) for p in RESUMABLE if p.endswith("*"))
+    }
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise config_lib.ConfigError(
+            f"--resume would change the experiment ({listed}). A run keeps the settings it started with; "
+            f"start a new run with --out for these. A resume may change only: {', '.join(RESUMABLE)}"
+        )
+    return changes
+
+
+def log_event(run_dir: str | Path, text: str) -> None:
+    """A dated line in the run's ``run.log`` (starts, resumes and what they changed, stops)."""
+    if distributed.is_main():
+        with open(Path(run_dir) / LOG, "a") as f:
+            f.write(f"{_now()} {text}\n")
+
+
+def start_run(cfg, run_dir: str | Path, resume: bool, changes: dict | None = None) -> Path:
+    """Lock ``run_dir``, save the resolved config in it, note the start in ``run.log`` and apply
+    ``train.threads``; refuse to reuse a run's directory without ``resume`` (its config and
+    checkpoints stay as they were). Temporary files of checkpoints whose writing was killed
+    are removed (the lock guarantees no one is writing them)."""
     run_dir = Path(run_dir)
     if distributed.broadcast((run_dir / "config.yaml").exists()) and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or --out for a new one")
     if distributed.is_main():  # under torchrun, rank 0 alone writes the run's files
-        run_dir.mkdir(parents=True, exist_ok=True)
+        lock(run_dir)
+        for tmp in run_dir.rglob(".*.pt.*.tmp"):
+            tmp.unlink(missing_ok=True)
         config_lib.dump(cfg, run_dir / "config.yaml")
+        changed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in (changes or {}).items())
+        log_event(run_dir, ("resumed" + (f", changing {changed}" if changed else "")) if resume else "started")
     distributed.barrier()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     return run_dir
+
+
+def abandon_if_untrained(run_dir: str | Path) -> None:
+    """After a failed start: remove what ``start_run`` wrote if no checkpoint exists yet, so the
+    corrected command can start the run again (a run with checkpoints is never touched)."""
+    run_dir = Path(run_dir)
+    if not distributed.is_main() or not (run_dir / "config.yaml").exists() or any(run_dir.rglob("*.pt")):
+        return
+    for name in ("config.yaml", LOG):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
 
 
 def deadline(time_limit: float) -> float:
@@ -38,11 +147,18 @@ def read_eval(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "eval.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run `mamlkit eval {run_dir}` first")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); run `mamlkit eval {run_dir}` again to rewrite it") from None
 
 
 def write_eval(run_dir: str | Path, results: dict, table: str) -> None:
     """A run's evaluation: ``eval.json`` (everything) and ``eval.md`` (the table)."""
     run_dir = Path(run_dir)
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
-    (run_dir / "eval.md").write_text(table)
+    try:
+        (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+        (run_dir / "eval.md").write_text(table)
+    except OSError as e:  # a full disk or a read-only run: the results are not lost, they are shown
+        print(table)
+        raise OSError(f"could not write the evaluation into {run_dir} ({e.strerror}); its table is above") from e

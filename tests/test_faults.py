@@ -1,0 +1,196 @@
+"""Faults and bad input: no run is lost or silently mixed, and every refusal is a sentence.
+
+Real processes and signals where it matters (a kill mid-run, a second writer)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mamlkit import cli
+
+FAST = ["--quiet", "--set", "models=[maml]", "--set", "maml.strategy=vmap", "--set", "train.threads=1"]
+
+
+def train(tmp_path, *args) -> int:
+    return cli.main(["train", "sinusoid", "--out", str(tmp_path / "run"), *FAST, *args])
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mamlkit", *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=False)["learner"]
+
+
+# -- divergence ------------------------------------------------------------------------------------
+
+
+def test_divergence_stops_keeps_the_last_finite_checkpoint_and_exits_nonzero(tmp_path, capsys):
+    code = train(
+        tmp_path, "--set", "train.meta_lr=1e6", "--set", "train.checkpoint_every=1", "--set", "train.iterations=50"
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "at iteration" in err and "not finite" in err and "train.meta_lr=1e+06" in err and "nonfinite=skip" in err
+    state = torch.load(tmp_path / "run/maml/checkpoint.pt", weights_only=False)
+    assert 1 <= state["iteration"] < 50
+    assert all(torch.isfinite(v).all() for v in state["learner"].values())
+
+
+def test_divergence_can_skip_batches_instead(tmp_path):
+    args = ["--set", "train.meta_lr=1e6", "--set", "train.iterations=20", "--set", "train.log_every=10"]
+    assert train(tmp_path, *args, "--set", "train.nonfinite=skip") == 0
+    rows = (tmp_path / "run/maml/metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    skipped = [float(r.split(",")[header.index("skipped")] or 0) for r in rows[1:]]
+    assert sum(skipped) >= 10  # counted, not hidden
+    state = torch.load(tmp_path / "run/maml/checkpoint.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["learner"].values())
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-.inf"])
+def test_config_refuses_non_finite_numbers(tmp_path, capsys, value):
+    assert train(tmp_path, "--set", f"maml.inner_lr={value}") == 2
+    assert "maml.inner_lr" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# -- resume ----------------------------------------------------------------------------------------
+
+
+def test_resume_refuses_changes_to_the_experiment_and_writes_nothing(tmp_path, capsys):
+    assert train(tmp_path, "--set", "train.iterations=10") == 0
+    config = (tmp_path / "run/config.yaml").read_bytes()
+    assert train(tmp_path, "--resume", "--set", "maml.inner_lr=0.5", "--set", "train.meta_batch_size=3") == 2
+    err = capsys.readouterr().err
+    assert "maml.inner_lr: 0.01 -> 0.5" in err and "train.meta_batch_size: 25 -> 3" in err and "--out" in err
+    assert (tmp_path / "run/config.yaml").read_bytes() == config
+    # What cannot change what is learned may change, and the run's log says so.
+    assert train(tmp_path, "--resume", "--set", "train.iterations=20", "--set", "train.log_every=5") == 0
+    log = (tmp_path / "run/run.log").read_text()
+    assert "started" in log and "resumed, changing train.iterations: 10 -> 20; train.log_every: 100 -> 5" in log
+
+
+def test_resume_of_a_directory_without_a_run_says_so(tmp_path, capsys):
+    assert train(tmp_path, "--resume") == 2
+    assert "holds no run to resume" in capsys.readouterr().err
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_command(tmp_path, capsys):
+    out = tmp_path / "run"
+    bad = ["train", "omniglot-5way-1shot", "--out", str(out), "--quiet", "--set", f"data.root={tmp_path / 'nowhere'}"]
+    assert cli.main(bad) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert not (out / "config.yaml").exists()
+    assert train(tmp_path, "--set", "train.iterations=5") == 0  # the same --out starts now
+
+
+def test_cuda_without_a_gpu_is_a_sentence(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert train(tmp_path, "--set", "train.device=cuda") == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_malformed_run_config_names_the_file_and_line(tmp_path, capsys):
+    assert train(tmp_path, "--set", "train.iterations=5") == 0
+    (tmp_path / "run/config.yaml").write_text("experiment: sinusoid\ntrain: [1, 2\n")
+    assert train(tmp_path, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "config.yaml" in err and "line" in err
+
+
+# -- kills, locks ------------------------------------------------------------------------------------
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
+    args = ["train", "sinusoid", *FAST, "--set", "train.checkpoint_every=50", "--set", "train.log_every=50"]
+    straight = start([*args, "--out", "straight", "--set", "train.iterations=300"], tmp_path)
+    assert straight.wait(timeout=600) == 0, straight.communicate()[0]
+    killed = start([*args, "--out", "killed", "--set", "train.iterations=100000"], tmp_path)
+    wait_for(tmp_path / "killed/maml/checkpoint.pt", killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    done = torch.load(tmp_path / "killed/maml/checkpoint.pt", weights_only=False)["iteration"]
+    assert done < 300, "killed too late to test a resume"
+    resumed = start([*args, "--out", "killed", "--resume", "--set", "train.iterations=300"], tmp_path)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and f"resuming from iteration {done}" in out, out
+    a, b = weights(tmp_path / "straight/maml/checkpoint.pt"), weights(tmp_path / "killed/maml/checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "killed").rglob("*.tmp"))  # no temporary checkpoint left behind
+    rows = [r.split(",")[0] for r in (tmp_path / "killed/maml/metrics.csv").read_text().splitlines()[1:]]
+    assert rows == sorted(set(rows), key=int)  # each row once, in order, across the kill
+
+
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_does_not_block(tmp_path):
+    args = ["train", "sinusoid", *FAST, "--out", "run", "--set", "train.checkpoint_every=20"]
+    first = start([*args, "--set", "train.iterations=100000"], tmp_path)
+    wait_for(tmp_path / "run/maml/checkpoint.pt", first)
+    second = start([*args, "--resume"], tmp_path)
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 2 and f"in use by process {first.pid}" in out, out
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    third = start([*args, "--resume", "--set", "train.iterations=40"], tmp_path)
+    out, _ = third.communicate(timeout=600)
+    assert third.returncode == 0, out
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+
+
+def test_eval_refuses_to_drop_a_model_silently(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        cli.main(
+            [
+                "train",
+                "sinusoid",
+                "--out",
+                str(out),
+                "--quiet",
+                "--set",
+                "models=[maml,oracle]",
+                "--set",
+                "train.iterations=5",
+                "--set",
+                "eval.num_tasks=5",
+                "--set",
+                "eval.shots=[5]",
+            ]
+        )
+        == 0
+    )
+    (out / "oracle/checkpoint.pt").unlink()
+    assert cli.main(["eval", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "['oracle'] have no checkpoint" in err and "--models maml" in err
+    assert not (out / "eval.json").exists()
+    assert cli.main(["eval", str(out), "--models", "maml"]) == 0
+    assert '"oracle"' not in (out / "eval.json").read_text()
+
+
+def test_corrupt_eval_json_names_the_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tmp_path, "--set", "train.iterations=5") == 0
+    (out / "eval.json").write_text("{not json")
+    assert cli.main(["plot", str(out)]) == 2
+    assert "eval.json is not valid JSON" in capsys.readouterr().err
