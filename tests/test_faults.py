@@ -194,3 +194,37 @@ def test_corrupt_eval_json_names_the_file(tmp_path, capsys):
     (out / "eval.json").write_text("{not json")
     assert cli.main(["plot", str(out)]) == 2
     assert "eval.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_damaged_metrics_csv_is_named_on_resume(tmp_path, capsys):
+    assert train(tmp_path, "--set", "train.iterations=10", "--set", "train.log_every=5") == 0
+    (tmp_path / "run/maml/metrics.csv").write_text("iteration,loss\n5,0.3\n10,zz\n")
+    assert train(tmp_path, "--resume", "--set", "train.iterations=20") == 2
+    err = capsys.readouterr().err
+    assert "metrics.csv is damaged" in err and "checkpoints are intact" in err
+
+
+def test_corrupt_checkpoint_advice_fits_the_command(tmp_path, capsys):
+    assert train(tmp_path, "--set", "train.iterations=5") == 0
+    (tmp_path / "run/maml/checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert train(tmp_path, "--resume", "--set", "train.iterations=10") == 2
+    err = capsys.readouterr().err
+    assert "unreadable" in err and "restart maml from iteration 0" in err
+
+
+def test_eval_tables_show_only_steps_that_were_run(tmp_path):
+    out = tmp_path / "run"
+    args = ["--set", "models=[maml,oracle]", "--set", "train.iterations=5", "--set", "eval.num_tasks=5"]
+    assert cli.main(["train", "sinusoid", "--out", str(out), "--quiet", *args, "--set", "eval.shots=[5]"]) == 0
+    assert cli.main(["eval", str(out), "--set", "eval.steps=1"]) == 0
+    rows = {line.split("|")[1].strip(): line for line in (out / "eval.md").read_text().splitlines() if "| 5 |" in line}
+    maml_cells = [c.strip() for c in rows["MAML"].split("|")[4:-1]]
+    assert maml_cells[2:] == ["–", "–"] and "±" in maml_cells[1]  # 5 and 10 steps were not run
+    oracle = [c.strip() for c in rows["oracle"].split("|")[1:-1]]
+    assert oracle[2] == "–" and oracle[4:] == ["–", "–", "–"]  # no step size, no steps
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("mamlkit ")

@@ -99,8 +99,18 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mamlkit")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mamlkit", description="Model-Agnostic Meta-Learning experiments.")
+    p.add_argument("--version", action="version", version=f"mamlkit {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a preset or YAML config")
     t.add_argument("config", help="preset name (see `mamlkit presets`) or path to a YAML file")
@@ -134,20 +144,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # training handles Ctrl-C itself; this is evaluation, plotting or a start
+        print("mamlkit: interrupted; nothing more was written", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as e:
         if e.name not in ("gymnasium", "mujoco"):
             raise
-        print(
-            f"mamlkit: error: {e.name} is not installed; the RL experiments need `pip install 'mamlkit[rl]'` "
-            "(`'mamlkit[mujoco]'` for the MuJoCo tasks)",
-            file=sys.stderr,
-        )
+        print(f"mamlkit: error: {e.name} is not installed; {INSTALL_RL}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, RuntimeError, ValueError) as e:  # config, data, run problems
+    except (FileNotFoundError, FileExistsError, RuntimeError, ValueError, OSError) as e:  # config, data, run problems
         if os.environ.get("MAMLKIT_DEBUG"):
             raise
-        print(f"mamlkit: error: {e}", file=sys.stderr)
+        print(f"mamlkit: error: {_sentence(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if type(e).__name__ != "DependencyNotInstalled":  # gymnasium's, e.g. MuJoCo missing
+            raise
+        print(f"mamlkit: error: {e}; {INSTALL_RL}", file=sys.stderr)
+        return 2
+
+
+INSTALL_RL = "the RL experiments need `pip install 'mamlkit[rl]'` (`'mamlkit[mujoco]'` for the MuJoCo tasks)"
+
+
+def _sentence(e: Exception) -> str:
+    """An error as one line: an OSError with its file (a full disk, a read-only directory)."""
+    if isinstance(e, OSError) and e.filename and not isinstance(e, FileNotFoundError | FileExistsError):
+        return f"{e.strerror or e} ({e.filename}): check the disk space and permissions of that directory"
+    return str(e)
 
 
 if __name__ == "__main__":

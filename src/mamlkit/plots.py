@@ -18,7 +18,10 @@ def training_curves(run_dirs: dict[str, Path], path: Path, key: str = "loss", lo
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, d in run_dirs.items():
         rows = [r for r in read_metrics(Path(d) / "metrics.csv") if key in r]
-        ax.plot([r["iteration"] for r in rows], [r[key] for r in rows], label=label)
+        # Markers where a short run logged only a few rows: a single point is no line.
+        ax.plot(
+            [r["iteration"] for r in rows], [r[key] for r in rows], marker="o" if len(rows) < 20 else None, label=label
+        )
     ax.set_xlabel("meta-iteration")
     ax.set_ylabel(key)
     if logy:

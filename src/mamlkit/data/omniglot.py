@@ -22,6 +22,7 @@ import io
 import os
 import random
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,6 +207,6 @@ def _decode(
                     try:
                         with Image.open(io.BytesIO(zf.read(member))) as img:
                             out[index[name], d] = preprocess(img, resize, size)
-                    except (zipfile.BadZipFile, OSError, ValueError) as e:
+                    except (zipfile.BadZipFile, zlib.error, OSError, ValueError) as e:
                         raise DatasetFormatError(f"{path}: cannot decode {member} ({e}). {WHERE_TO_GET}") from e
     return torch.from_numpy(out)

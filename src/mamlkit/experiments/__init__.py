@@ -11,7 +11,17 @@ from ..config import kwargs_for
 from ..training import checkpoint as ckpt
 from .configs import CONFIGS, build_config, load_config, override_eval
 
-__all__ = ["CONFIGS", "build_config", "load_config", "override_eval", "get", "build_maml", "load_run", "trained_models"]
+__all__ = [
+    "CONFIGS",
+    "build_config",
+    "load_config",
+    "override_eval",
+    "get",
+    "build_maml",
+    "load_run",
+    "trained_models",
+    "step_cells",
+]
 
 
 def get(name: str):
@@ -51,6 +61,12 @@ def trained_models(run_dir: str | Path, known: Iterable[str], chosen: Sequence[s
             f"or evaluate the others with --models {','.join(present) or 'NAME'}"
         )
     return present
+
+
+def step_cells(mean: Sequence[float], ci: Sequence[float], steps_shown: Sequence[int], digits: int) -> list[str]:
+    """Table cells ``mean ± ci`` after each of ``steps_shown`` gradient steps; "–" for a step
+    count that was not run (never the last value repeated)."""
+    return [f"{mean[s]:.{digits}f} ± {ci[s]:.{digits}f}" if s < len(mean) else "–" for s in steps_shown]
 
 
 def load_run(checkpoint: str | Path, device: str | None = None, overrides: list[str] = ()) -> tuple[object, dict]:

@@ -8,14 +8,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from ..config import to_dict
+from ..config import apply_overrides, to_dict
 from ..engine import MAML
 from ..models import ADAPT_ALL_BUT_NORM, CLASSIFIERS
 from ..tasks.fewshot import FewShotTasks
 from ..training import BEST, CHECKPOINT, AdamUpdate, Trainer, mean_ci, start_run
+from ..training import checkpoint as ckpt
 from ..training.runs import deadline, read_eval, write_eval
-from . import build_maml, load_run
+from . import build_maml, load_run, step_cells
 from .configs import FewShotConfig
 
 MODERN_QUERY = 15
@@ -66,13 +68,18 @@ def make_learner(cfg: FewShotConfig) -> MAML:
     return build_maml(make_model(cfg).to(cfg.train.device), F.cross_entropy, cfg.maml, adapt=adapt)
 
 
-def accuracy_curve(learner: MAML, tasks: FewShotTasks, n_tasks: int, chunk: int, steps: int, lr, seed: int, device):
-    """Query accuracy of ``n_tasks`` tasks (from ``seed``) after 0..steps inner steps: ``[n_tasks, steps+1]``."""
+def accuracy_curve(
+    learner: MAML, tasks: FewShotTasks, n_tasks: int, chunk: int, steps: int, lr, seed: int, device, desc: str = ""
+):
+    """Query accuracy of ``n_tasks`` tasks (from ``seed``) after 0..steps inner steps: ``[n_tasks, steps+1]``;
+    a progress bar in tasks when ``desc`` is given."""
     g = torch.Generator(device).manual_seed(seed)
     rows = []
-    for start in range(0, n_tasks, chunk):
-        batch = tasks.batch(min(chunk, n_tasks - start), g)
-        rows.append(learner.adaptation_curve(batch, steps, lr=lr, metrics={"acc": accuracy})["acc"])
+    with tqdm(total=n_tasks, desc=desc, unit="task", disable=not desc, dynamic_ncols=True, leave=False) as bar:
+        for start in range(0, n_tasks, chunk):
+            batch = tasks.batch(min(chunk, n_tasks - start), g)
+            rows.append(learner.adaptation_curve(batch, steps, lr=lr, metrics={"acc": accuracy})["acc"])
+            bar.update(batch.support_targets.shape[0])
     return torch.cat(rows)
 
 
@@ -128,8 +135,14 @@ def load_learner(
 ) -> tuple[MAML, FewShotConfig, dict]:
     """The weights that ``eval.checkpoint`` names (``best.pt``, chosen on validation, when the
     run has one; else the last checkpoint), with the config they were trained with."""
-    path = run_dir / BEST if (run_dir / BEST).exists() else run_dir / CHECKPOINT
-    cfg, state = load_run(path, device, overrides)
+    asked = apply_overrides({}, list(overrides)).get("eval", {}).get("checkpoint")  # read before any file
+    path = run_dir / BEST if (run_dir / BEST).exists() and asked != "last" else run_dir / CHECKPOINT
+    try:
+        cfg, state = load_run(path, device, overrides)
+    except ckpt.CorruptCheckpoint as e:
+        if path.name != BEST:
+            raise
+        raise ckpt.CorruptCheckpoint(f"{e}; evaluate the last checkpoint instead: --set eval.checkpoint=last") from None
     if path.name == BEST and cfg.eval.checkpoint == "last":
         path = run_dir / CHECKPOINT
         cfg, state = load_run(path, device, overrides)
@@ -172,6 +185,7 @@ def evaluate(
             _test_lr(cfg),
             cfg.eval.seed,
             cfg.train.device,
+            desc=f"eval ({protocol} query)" if progress else "",
         )
         mean, ci = mean_ci(acc * 100)
         results["protocols"][protocol] = {"query_per_class": q, "acc": mean.tolist(), "ci95": ci.tolist()}
@@ -192,8 +206,7 @@ def format_table(results: dict, steps_shown=(0, 1, 3, 5, 10)) -> str:
         "|---|" + "---|" * len(steps_shown),
     ]
     for protocol, r in results["protocols"].items():
-        n = len(r["acc"])
-        cells = [f"{r['acc'][min(s, n - 1)]:.2f} ± {r['ci95'][min(s, n - 1)]:.2f}" for s in steps_shown]
+        cells = step_cells(r["acc"], r["ci95"], steps_shown, 2)
         lines.append(f"| {r['query_per_class']} ({protocol}) | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 

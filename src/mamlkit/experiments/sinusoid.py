@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..config import to_dict
 from ..engine import MAML, TaskBatch
@@ -13,7 +14,7 @@ from ..models import mlp, official_init_
 from ..tasks import SinusoidTasks
 from ..training import CHECKPOINT, AdamUpdate, Trainer, mean_ci, start_run
 from ..training.runs import deadline, read_eval, write_eval
-from . import build_maml, load_run, trained_models
+from . import build_maml, load_run, step_cells, trained_models
 from .configs import SinusoidConfig
 
 KINDS = ("maml", "pretrained", "oracle")
@@ -120,7 +121,7 @@ def evaluate(
     run_dir = Path(run_dir)
     kinds = trained_models(run_dir, KINDS, models)
     results: dict = {"models": {}}
-    for kind in kinds:
+    for kind in tqdm(kinds, desc="eval", disable=not progress, dynamic_ncols=True):
         learner, cfg, state = load_learner(run_dir, kind, device, overrides)
         e = cfg.eval
         results["eval"] = to_dict(cfg)["eval"]
@@ -168,12 +169,8 @@ def format_table(results: dict, steps_shown=(0, 1, 5, 10)) -> str:
     lines = []
     for kind, res in results["models"].items():
         for k, r in res["shots"].items():
-            n = len(r["mse"])
-            cells = []
-            for s in steps_shown:
-                i = min(s, n - 1)
-                cells.append(f"{r['mse'][i]:.3f} ± {r['ci95'][i]:.3f}")
-            lr = r["lr"] if isinstance(r["lr"], str) else f"{r['lr']:g}"
+            cells = step_cells(r["mse"], r["ci95"], steps_shown, 3)
+            lr = "–" if kind == "oracle" else r["lr"] if isinstance(r["lr"], str) else f"{r['lr']:g}"
             lines.append(f"| {LABELS[kind]} | {k} | {lr} | " + " | ".join(cells) + " |")
     notes = [
         f"- {LABELS[kind]}, K = {k}: {r['diverged_tasks']} of {results['eval']['num_tasks']} tasks diverged at some "

@@ -37,9 +37,14 @@ def load(path: str | Path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # a truncated or foreign file
-        raise RuntimeError(
-            f"checkpoint {path} could not be read ({e}); delete it and resume from an earlier run"
+        raise CorruptCheckpoint(
+            f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
+            "it was cut short or is not a mamlkit checkpoint"
         ) from e
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint file that exists but cannot be read; callers add what to do about it."""
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict:

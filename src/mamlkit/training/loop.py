@@ -206,7 +206,13 @@ class Trainer:
 
     def restore(self) -> None:
         # Rank 0 reads the checkpoint and hands it to the others (no shared disk needed).
-        state = distributed.broadcast(ckpt.load(self.checkpoint_path) if distributed.is_main() else None)
+        try:
+            state = distributed.broadcast(ckpt.load(self.checkpoint_path) if distributed.is_main() else None)
+        except ckpt.CorruptCheckpoint as e:
+            raise ckpt.CorruptCheckpoint(
+                f"{e}. --resume cannot continue from it; deleting it would restart {self.name} from iteration 0. "
+                "Restore the file from a copy, or train a new run with --out"
+            ) from None
         self.learner.load_state_dict(state["learner"])
         # Checkpoints written before the update piece existed keep Adam's state as "optimizer".
         update_state = state.get("update", state.get("optimizer"))

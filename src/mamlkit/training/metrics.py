@@ -18,8 +18,7 @@ class MetricLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = []
         if resume_from and self.path.exists():
-            with self.path.open() as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= resume_from]
+            self.rows = [r for r in _read_rows(self.path) if float(r["iteration"]) <= resume_from]
         self._rewrite()
         self.writer = None
         if tensorboard:
@@ -63,5 +62,25 @@ class MetricLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    with Path(path).open() as f:
-        return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+    return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in _read_rows(path)]
+
+
+def _read_rows(path: str | Path) -> list[dict]:
+    """The rows of a ``metrics.csv``; a damaged file is named, with what to do."""
+    path = Path(path)
+    try:
+        with path.open() as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            if None in r:
+                raise ValueError(f"a row has more cells than the header: {r[None]}")
+            for v in r.values():
+                if v not in ("", None):
+                    float(v)
+            float(r["iteration"])
+        return rows
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(
+            f"{path} is damaged ({type(e).__name__}: {e}); move it aside (the run's checkpoints are intact) "
+            "and resume, or repair it by hand"
+        ) from None
