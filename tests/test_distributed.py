@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mamlkit.training import distributed
+from mamlkit import distributed
 
 SINUSOID = [
     "sinusoid",

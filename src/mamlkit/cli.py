@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from . import config as config_lib
-from . import experiments
-from .training import distributed, runs
+from . import distributed, experiments
+from .training import runs
 
 
 def _experiment_of(run_dir: Path):

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from .. import distributed
 from ..engine import MAML, NonFinite
 from ..engine.functional import Params
 from ..engine.strategies import candidate_strategies, map_tasks
@@ -59,6 +60,15 @@ def task_strategy(model: torch.nn.Module, strategy: str = "auto", second_order: 
     candidates = candidate_strategies(strategy, model, second_order)
     on_cpu = next(model.parameters()).device.type == "cpu"
     return "loop" if on_cpu and "loop" in candidates else candidates[0]
+
+
+def _total_tasks(local: int, device) -> int:
+    """The meta-batch's task count: this process's, summed over processes under torchrun."""
+    if not distributed.active():
+        return local
+    n = torch.tensor([float(local)], device=device)
+    distributed.all_reduce_sum_([n])
+    return int(n.item())
 
 
 @dataclass
@@ -120,20 +130,27 @@ class MetaTRPO:
 
         return map_tasks(one_task, (0, 0, 0), data.pre_obs, data.pre_targets, data.obs, strategy=self.strategy)
 
-    def objectives(self, data: TaskData, params: Params, create_graph: bool) -> tuple[Tensor, Tensor]:
+    def objectives(
+        self, data: TaskData, params: Params, create_graph: bool, total: int | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Mean surrogate and mean KL over tasks, as functions of the meta-parameters ``params``."""
-        return self.surrogate_and_kl(data, self.policy_outputs(data, params, create_graph))
+        return self.surrogate_and_kl(data, self.policy_outputs(data, params, create_graph), total)
 
     @staticmethod
-    def surrogate_and_kl(data: TaskData, outputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """Mean over tasks of each task's surrogate and KL (means over its valid steps)."""
+    def surrogate_and_kl(
+        data: TaskData, outputs: tuple[Tensor, Tensor], total: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Each task's surrogate and KL (means over its valid steps), summed over ``data``'s tasks
+        and divided by ``total``: the mean over tasks by default, this process's share of the
+        whole meta-batch's mean under torchrun."""
         mean, log_std = outputs
         old_logp = log_prob(data.old_mean, data.old_log_std, data.actions)
         ratio = torch.exp(log_prob(mean, log_std, data.actions) - old_logp)
         steps = data.mask.sum((1, 2)).clamp_min(1)
         surr = (ratio * data.advantages * data.mask).sum((1, 2)) / steps
         kls = (kl((data.old_mean, data.old_log_std), (mean, log_std)) * data.mask).sum((1, 2)) / steps
-        return surr.mean(), kls.mean()
+        total = total or len(data)
+        return surr.sum() / total, kls.sum() / total
 
     def kl_hvp(
         self,
@@ -141,6 +158,7 @@ class MetaTRPO:
         params: Params,
         create_graph: bool,
         outputs: tuple[Tensor, Tensor] | None = None,
+        total: int | None = None,
     ) -> Callable[[Tensor], Tensor]:
         """``v -> (H + damping) v`` with ``H`` the Hessian of the mean KL w.r.t. the meta-parameters.
 
@@ -153,14 +171,15 @@ class MetaTRPO:
 
         ``outputs``: ``policy_outputs(data, params, create_graph)`` whose graph is still alive
         (``step`` passes the surrogate's, so the inner updates are built once per meta-update);
-        by default they are computed anew.
+        by default they are computed anew. ``total``: the meta-batch's task count when ``data``
+        is this process's share of it (torchrun); the products are then summed over processes.
         """
         leaves = list(params.values())
         if outputs is None:
             outputs = self.policy_outputs(data, params, create_graph)
         mean, log_std = outputs
         steps = data.mask.sum((1, 2), keepdim=True).clamp_min(1)
-        w = (data.mask / steps / len(data))[..., None]
+        w = (data.mask / steps / (total or len(data)))[..., None]
         flat = [mean, log_std]
         weights = [w * torch.exp(-2 * data.old_log_std), 2 * w]
         # J^T u as a (linear) function of dummy cotangents u; differentiating it w.r.t. u gives J v.
@@ -170,40 +189,54 @@ class MetaTRPO:
         def hvp(v: Tensor) -> Tensor:
             vs = [x.view_as(p) for x, p in zip(torch.split(v, [p.numel() for p in leaves]), leaves)]
             jv = torch.autograd.grad(jt, dummies, vs, retain_graph=True)
-            hv = torch.autograd.grad(flat, leaves, [w * j for w, j in zip(weights, jv)], retain_graph=True)
-            return parameters_to_vector(hv) + self.cg_damping * v
+            hv = parameters_to_vector(
+                torch.autograd.grad(flat, leaves, [w * j for w, j in zip(weights, jv)], retain_graph=True)
+            )
+            distributed.all_reduce_sum_([hv])
+            return hv + self.cg_damping * v
 
         return hvp
 
     def step(self, data: TaskData) -> dict[str, float]:
         """Natural gradient direction by conjugate gradient, scaled to the KL bound, then a
-        backtracking line search that needs a better surrogate and a KL within the bound."""
+        backtracking line search that needs a better surrogate and a KL within the bound.
+
+        Under torchrun ``data`` is this process's share of the meta-batch: the surrogate, its
+        gradient, every KL product and the line search's values are summed over processes, so
+        every process takes the same step."""
         params = self.maml.params()
         leaves = list(params.values())
         create_graph = not self.maml.first_order
+        total = _total_tasks(len(data), data.obs.device)
         # One graph through the inner updates serves the meta-gradient and every KL product.
         outputs = self.policy_outputs(data, params, create_graph)
-        surr, _ = self.surrogate_and_kl(data, outputs)
+        surr, _ = self.surrogate_and_kl(data, outputs, total)
         g = parameters_to_vector(torch.autograd.grad(surr, leaves, retain_graph=True))
-        if not torch.isfinite(surr) or not torch.isfinite(g).all():
-            raise NonFinite("surrogate" if not torch.isfinite(surr) else "surrogate's gradient")
-        hvp = self.kl_hvp(data, params, create_graph, outputs)
+        surr = surr.detach().reshape(1)
+        distributed.all_reduce_sum_([g, surr])
+        if not torch.isfinite(surr).all() or not torch.isfinite(g).all():
+            raise NonFinite("surrogate" if not torch.isfinite(surr).all() else "surrogate's gradient")
+        hvp = self.kl_hvp(data, params, create_graph, outputs, total)
         direction, h_direction = conjugate_gradient_with_product(hvp, g, self.cg_iters)
         shs = direction @ h_direction
         full_step = math.sqrt(2 * self.max_kl / (shs.item() + 1e-8)) * direction
         stats = {"surrogate": surr.item(), "grad_norm": g.norm().item()}
         del hvp, outputs  # free the graph before the line search
-        return {**stats, **self.line_search(data, full_step, surr.item())}
+        return {**stats, **self.line_search(data, full_step, surr.item(), total)}
 
     @torch.no_grad()
-    def line_search(self, data: TaskData, full_step: Tensor, surr_before: float) -> dict[str, float]:
+    def line_search(
+        self, data: TaskData, full_step: Tensor, surr_before: float, total: int | None = None
+    ) -> dict[str, float]:
         """Try ``backtrack_ratio**k * full_step`` for k = 0, 1, ...; keep the first step with a
         better surrogate and a KL within the bound, else restore the parameters (rllab)."""
         leaves = list(self.maml.params().values())
         old = parameters_to_vector(leaves).detach()
         for k in range(self.max_backtracks):
             vector_to_parameters(old + self.backtrack_ratio**k * full_step, leaves)
-            new_surr, new_kl = self.objectives(data, self.maml.params(), create_graph=False)
+            values = torch.stack(self.objectives(data, self.maml.params(), False, total))
+            distributed.all_reduce_sum_([values])
+            new_surr, new_kl = values
             if torch.isfinite(new_surr) and new_surr.item() > surr_before and new_kl.item() <= self.max_kl:
                 return {"kl": new_kl.item(), "improvement": new_surr.item() - surr_before, "backtracks": k}
         vector_to_parameters(old, leaves)

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..engine import NonFinite, TaskBatch
 from . import checkpoint as ckpt
-from . import distributed
 from .metrics import MetricLog
 
 CHECKPOINT = "checkpoint.pt"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import config as config_lib
-from . import distributed
+from .. import distributed
 
 LOCK = ".lock"
 LOG = "run.log"
