@@ -14,10 +14,18 @@ Steps/s counts the steps episodes really took (``mask.sum()``: ant episodes end 
 samplers stop stepping them). Each row: best and median of ``--repeats`` rollouts after one
 warm-up, and the 1-minute load average before the row.
 
+``--sim`` times the simulator designs alone instead (random actions, no policy, tasks × trajectories
+copies, ``--sim-steps`` steps from gymnasium's reset distribution): ``mujoco.rollout`` with its
+persistent thread pool (one call per environment step; it cannot carry the solver's warm start
+from call to call, so it is not bit-identical to gymnasium), ``mujoco.batch.Batch`` (MuJoCo >= 4),
+the ant's ``mjBatch`` through MuJoCo's C API (``mjb_step`` + ``mjb_apply(mj_rnePostConstraint)``),
+and ``mj_step`` (+ ``mj_rnePostConstraint`` for the ant) on one ``MjData`` per copy from Python
+threads, for each ``--sim-threads`` count.
+
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/rl_batched_sampler.py [--families halfcheetah_vel,ant_vel]
         [--sim-threads 1,2] [--torch-threads 1] [--repeats 3] [--old-tasks 10]
-        [--old "env.num_envs=40 env.processes=2"] [--shared]
+        [--old "env.num_envs=40 env.processes=2"] [--shared] [--sim [--sim-steps 50]]
 """
 
 from __future__ import annotations
@@ -60,6 +68,88 @@ def time_rollouts(family, fm, params, tasks: torch.Tensor, trajectories: int, re
     return max(rates), float(np.median(rates)), steps
 
 
+def bench_simulators(name: str, n: int, threads_list: list[int], steps: int, repeats: int) -> None:
+    """Env steps/s of each simulator design alone (random actions in the bounds, no policy)."""
+    import mujoco
+    import mujoco.rollout
+
+    from mamlkit.rl.mujoco_batch import BatchedMujoco, _CapiSim, _ThreadSim, has_batch, has_capi
+
+    env = BatchedMujoco(name, 1, threads=1, backend="threads")
+    m, fs, ant = env.model, env.frame_skip, env.family.ant
+    rng = np.random.default_rng(0)
+    qpos0 = env.init_qpos + rng.uniform(-0.1, 0.1, (n, m.nq))
+    qvel0 = 0.1 * rng.standard_normal((n, m.nv))
+    ids = np.arange(n)
+
+    def rate(run) -> tuple[float, float]:
+        run()
+        r = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            r.append(n * steps / (time.perf_counter() - t0))
+        return max(r), float(np.median(r))
+
+    for threads in threads_list:
+        rows = []
+        # mujoco.rollout: full physics state in and out, one call per environment step
+        datas = [mujoco.MjData(m) for _ in range(threads)]
+        spec = mujoco.mjtState.mjSTATE_FULLPHYSICS
+        state0 = np.empty((n, mujoco.mj_stateSize(m, spec)))
+        d = mujoco.MjData(m)
+        for i in range(n):
+            d.qpos[:], d.qvel[:] = qpos0[i], qvel0[i]
+            mujoco.mj_getState(m, d, state0[i], spec)
+
+        def run_rollout(datas=datas, state0=state0):
+            state = state0
+            for _ in range(steps):
+                ctrl = rng.uniform(-1, 1, (n, 1, m.nu))
+                out, _ = mujoco.rollout.rollout(m, datas, state, ctrl, nstep=fs, persistent_pool=True)
+                state = out[:, -1]
+
+        rows.append(("mujoco.rollout, persistent pool", rate(run_rollout)))
+        mujoco.rollout.shutdown_persistent_pool()
+        if has_batch() and not ant:
+            from mujoco.batch import Batch
+
+            b = Batch(m, n, threads)
+            qpos, qvel, ctrl = b.bind("qpos"), b.bind("qvel"), b.bind("ctrl")
+
+            def run_batch(b=b, qpos=qpos, qvel=qvel, ctrl=ctrl):
+                b.reset()
+                qpos[:], qvel[:] = qpos0, qvel0
+                for _ in range(steps):
+                    ctrl[:] = rng.uniform(-1, 1, (n, m.nu))
+                    b.step(nstep=fs)
+                    np.concatenate([qpos[:, 1:], qvel], 1)  # what an observation costs
+
+            rows.append(("mujoco.batch.Batch", rate(run_batch)))
+        if has_capi() and ant:
+            capi = _CapiSim(m, n, threads, fs)
+
+            def run_capi(capi=capi):
+                capi.reset(ids, qpos0, qvel0)
+                for _ in range(steps):
+                    capi.step(ids, rng.uniform(-1, 1, (n, m.nu)))
+
+            rows.append(("mjBatch C API: mjb_step + mjb_apply(mj_rnePostConstraint)", rate(run_capi)))
+            capi.close()
+        sim = _ThreadSim(m, n, threads, fs, need_cfrc=ant)
+
+        def run_threads(sim=sim):
+            sim.reset(ids, qpos0, qvel0)
+            for _ in range(steps):
+                sim.step(ids, rng.uniform(-1, 1, (n, m.nu)))
+
+        label = "mj_step" + (" + mj_rnePostConstraint" if ant else "") + " over MjData, Python threads"
+        rows.append((label, rate(run_threads)))
+        sim.close()
+        for label, (best, med) in rows:
+            print(f"| {name} | {label} | {threads} | {best:,.0f} | {med:,.0f} | {load()} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--families", default="halfcheetah_vel,ant_vel")
@@ -78,6 +168,8 @@ def main() -> None:
         help="space-separated config overrides of an extra old-path row (default: 'env.num_envs=40 env.processes=2')",
     )
     p.add_argument("--shared", action="store_true", help="also time one parameter set for all tasks")
+    p.add_argument("--sim", action="store_true", help="time the simulator designs alone instead")
+    p.add_argument("--sim-steps", type=int, default=50, help="--sim: environment steps per timed run")
     args = p.parse_args()
     torch.set_num_threads(args.torch_threads)
 
@@ -93,6 +185,14 @@ def main() -> None:
         f"({torch.get_num_threads()} threads), mujoco {mujoco.__version__}, gymnasium {gym.__version__}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}; load {load()}"
     )
+    if args.sim:
+        n = args.tasks * args.trajectories
+        print(f"# simulators alone: {n} copies, {args.sim_steps} steps, random actions\n")
+        print("| family | simulator | threads | best steps/s | median steps/s | load after |")
+        print("|---|---|---:|---:|---:|---|")
+        for name in args.families.split(","):
+            bench_simulators(name, n, [int(x) for x in args.sim_threads.split(",")], args.sim_steps, args.repeats)
+        return
     print(f"# meta-batch {args.tasks} tasks x {args.trajectories} trajectories x {args.horizon} steps\n")
     print("| family | sampler | params | best steps/s | median steps/s | steps | load before |")
     print("|---|---|---|---:|---:|---:|---|")

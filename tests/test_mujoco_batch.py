@@ -18,6 +18,7 @@ from mamlkit.rl.mujoco_batch import (  # noqa: E402
     TaskPolicy,
     batched_rollout,
     has_batch,
+    has_capi,
 )
 from mamlkit.rl.policy import GaussianMLPPolicy  # noqa: E402
 
@@ -27,7 +28,8 @@ GYM = {
     "ant_vel": ("mamlkit/AntVel-v0", "velocity", 2.2),
     "ant_dir": ("mamlkit/AntDir-v0", "direction", 1.0),
 }
-BACKENDS = ["threads"] + (["batch"] if has_batch() else [])
+BACKENDS = ["threads"] + (["batch"] if has_batch() else [])  # the half-cheetah's
+ANT_BACKENDS = ["threads"] + (["capi"] if has_capi() else [])
 
 
 @pytest.fixture(autouse=True)
@@ -76,9 +78,10 @@ def test_halfcheetah_matches_gymnasium(name, backend):
     assert ends == [None] * 3
 
 
+@pytest.mark.parametrize("backend", ANT_BACKENDS)
 @pytest.mark.parametrize("name", ["ant_vel", "ant_dir"])
-def test_ant_matches_gymnasium_including_terminations(name):
-    ends = compare_episodes(name, "threads", n=4)
+def test_ant_matches_gymnasium_including_terminations(name, backend):
+    ends = compare_episodes(name, backend, n=4)
     assert any(e is not None for e in ends), "no ant episode terminated: the test would not cover terminations"
     assert any(e is None for e in ends) or name == "ant_dir"
 
@@ -86,8 +89,8 @@ def test_ant_matches_gymnasium_including_terminations(name):
 def test_float32_actions_and_frame_skip_override_match_gymnasium():
     # float32 actions as the sampler sends them: clipped in float32, costs in gymnasium's dtypes
     compare_episodes("halfcheetah_vel", BACKENDS[-1], dtype=np.float32, n=2, steps=50)
-    compare_episodes("ant_vel", "threads", dtype=np.float32, n=2, steps=50)
-    ends = compare_episodes("ant_dir", "threads", frame_skip=5, n=3, steps=60)
+    compare_episodes("ant_vel", ANT_BACKENDS[-1], dtype=np.float32, n=2, steps=50)
+    ends = compare_episodes("ant_dir", ANT_BACKENDS[-1], frame_skip=5, n=3, steps=60)
     assert all(e is not None for e in ends)  # gymnasium's 0.05 s step: a random ant falls fast
 
 
