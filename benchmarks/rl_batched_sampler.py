@@ -14,6 +14,7 @@ Steps/s counts the steps episodes really took (``mask.sum()``: ant episodes end 
 samplers stop stepping them). Each row: best and median of ``--repeats`` rollouts after one
 warm-up, and the 1-minute load average before the row.
 
+``--policy`` times the ways to call the policy on all episodes with per-task parameters instead.
 ``--sim`` times the simulator designs alone instead (random actions, no policy, tasks × trajectories
 copies, ``--sim-steps`` steps from gymnasium's reset distribution): ``mujoco.rollout`` with its
 persistent thread pool (one call per environment step; it cannot carry the solver's warm start
@@ -25,7 +26,7 @@ threads, for each ``--sim-threads`` count.
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/rl_batched_sampler.py [--families halfcheetah_vel,ant_vel]
         [--sim-threads 1,2] [--torch-threads 1] [--repeats 3] [--old-tasks 10]
-        [--old "env.num_envs=40 env.processes=2"] [--shared] [--sim [--sim-steps 50]]
+        [--old "env.num_envs=40 env.processes=2"] [--shared] [--sim [--sim-steps 50]] [--policy]
 """
 
 from __future__ import annotations
@@ -150,6 +151,37 @@ def bench_simulators(name: str, n: int, threads_list: list[int], steps: int, rep
             print(f"| {name} | {label} | {threads} | {best:,.0f} | {med:,.0f} | {load()} |", flush=True)
 
 
+def bench_policy(n_tasks: int, trajectories: int, repeats: int) -> None:
+    """Microseconds per policy call on ``obs [tasks, trajectories, d]``, each task its parameters."""
+    from mamlkit.rl.mujoco_batch import TaskPolicy
+
+    for label, d, a in (("half-cheetah", 17, 6), ("ant", 105, 8)):
+        fm, base, per_task = policy_and_params(d, a, n_tasks)
+        obs = torch.randn(n_tasks, trajectories, d)
+        fast, vmapped, shared = TaskPolicy(fm, per_task), TaskPolicy(fm, per_task), TaskPolicy(fm, base)
+        vmapped.layers = None
+        every = slice(0, n_tasks)
+
+        def per_call(obs=obs, fm=fm, per_task=per_task):
+            return [fm(p, o) for p, o in zip(per_task, obs)]
+
+        ways = {
+            "per task, batched matmuls (baddbmm)": lambda f=fast, o=obs, e=every: f(o, e),
+            "per task, torch.func.vmap over stacked params": lambda f=vmapped, o=obs, e=every: f(o, e),
+            "per task, one call per task": per_call,
+            "shared, one call": lambda f=shared, o=obs, e=every: f(o, e),
+        }
+        for way, fn in ways.items():
+            fn()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(50):
+                    fn()
+                times.append((time.perf_counter() - t0) / 50 * 1e6)
+            print(f"| {label} (d={d}) | {way} | {min(times):.0f} | {np.median(times):.0f} | {load()} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--families", default="halfcheetah_vel,ant_vel")
@@ -169,6 +201,7 @@ def main() -> None:
     )
     p.add_argument("--shared", action="store_true", help="also time one parameter set for all tasks")
     p.add_argument("--sim", action="store_true", help="time the simulator designs alone instead")
+    p.add_argument("--policy", action="store_true", help="time the ways to call per-task policies instead")
     p.add_argument("--sim-steps", type=int, default=50, help="--sim: environment steps per timed run")
     args = p.parse_args()
     torch.set_num_threads(args.torch_threads)
@@ -185,6 +218,12 @@ def main() -> None:
         f"({torch.get_num_threads()} threads), mujoco {mujoco.__version__}, gymnasium {gym.__version__}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}; load {load()}"
     )
+    if args.policy:
+        print(f"# policy calls on {args.tasks} tasks x {args.trajectories} observations\n")
+        print("| observations | policy call | best µs | median µs | load after |")
+        print("|---|---|---:|---:|---|")
+        bench_policy(args.tasks, args.trajectories, args.repeats)
+        return
     if args.sim:
         n = args.tasks * args.trajectories
         print(f"# simulators alone: {n} copies, {args.sim_steps} steps, random actions\n")

@@ -9,19 +9,22 @@ together in numpy. ``batched_rollout`` runs tasks × trajectories episodes with 
 called once per time step for all of them, each task with its own (adapted) parameters.
 ``BatchedMujocoTasks`` is a drop-in for ``tasks.MujocoTasks`` built on them.
 
-Simulator back ends (measurements in ``benchmarks/BATCHED_SAMPLER_NOTES.md``):
+Simulator back ends (measurements in ``benchmarks/BATCHED_SAMPLER_NOTES.md``); all three are
+bit-identical to gymnasium's environments:
 
 - ``"batch"``: MuJoCo >= 4's ``mujoco.batch.Batch``: the copies' states are the rows of one
   array, stepped on MuJoCo's C thread pool (bit-identical to ``mj_step`` on one ``MjData`` per
-  copy). Used for the half-cheetah. It cannot give the ant's ``cfrc_ext``: that needs
-  ``mj_rnePostConstraint`` after ``mj_step`` on the copy's own data, which the batch does not
-  run (``mjb_apply`` is not in the Python bindings), and the ant's RK4 integrator leaves the
-  data at its last internal stage, so a sensor computing it during the step would not give
-  gymnasium's value either.
-- ``"threads"``: one ``MjData`` per copy, stepped by ``mj_step`` and ``mj_rnePostConstraint``
-  (both release the GIL) from ``threads`` Python threads, each over a contiguous share of
-  the copies. A Python loop per copy, but the ant's step (2 × RK4 with contacts, ~50 µs)
-  dwarfs its ~3 µs. Used for the ant, and for everything with MuJoCo 3.
+  copy). The half-cheetah's default. It cannot give the ant's ``cfrc_ext``: that needs
+  ``mj_rnePostConstraint`` after ``mj_step`` on the copy's own data, which the Python batch
+  does not run, and the ant's RK4 integrator leaves the data at its last internal stage, so a
+  sensor computing it during the step would not give gymnasium's value either.
+- ``"capi"``: the same batch, persistent (one ``mjData`` per copy), driven through MuJoCo's C
+  API with ctypes so that ``mjb_apply`` can run ``mj_rnePostConstraint`` on every copy after
+  ``mjb_step``, on the C thread pool. The ant's default with MuJoCo >= 4.
+- ``"threads"``: one ``MjData`` per copy, stepped by ``mj_step`` (and ``mj_rnePostConstraint``)
+  from ``threads`` Python threads (MuJoCo releases the GIL) that take chunks of copies in turn.
+  A Python loop per copy (~3 µs each): half the half-cheetah's speed, close to ``"capi"`` for
+  the ant (~55 µs of MuJoCo per step). The only one with MuJoCo 3.
 """
 
 from __future__ import annotations
@@ -332,8 +335,8 @@ class BatchedMujoco:
     (a boolean mask, or indices) restricts reset and step to some copies; the others are not
     stepped and their rows of the returned arrays are meaningless.
 
-    ``backend``: ``"batch"`` (``mujoco.batch``, MuJoCo >= 4; the half-cheetah's default),
-    ``"threads"`` (one ``MjData`` per copy; the ant's, and the only one with MuJoCo 3).
+    ``backend`` (see the module's docstring): ``"batch"`` (the half-cheetah's default with
+    MuJoCo >= 4), ``"capi"`` (the ant's), ``"threads"`` (any family; the only one with MuJoCo 3).
     ``threads``: simulation threads, the caller's included (default: the CPUs this process may use).
     """
 
