@@ -109,8 +109,8 @@ class _BatchSim:
 
     def reset(self, ids: np.ndarray, qpos: np.ndarray, qvel: np.ndarray) -> None:
         """``mj_resetData`` then the given state, as gymnasium's ``reset`` (its ``mj_forward``
-        computes nothing the next step or the reset observation reads: ``mj_step`` starts
-        with its own, and ``cfrc_ext`` stays zero as ``mj_resetData`` leaves it)."""
+        computes nothing the next step or the half-cheetah's observation reads: ``mj_step``
+        starts with its own)."""
         sel = _ids(ids, self.batch.nsim)
         self.batch.reset(sel, stage=mujoco.mjtStage.mjSTAGE_NONE)
         self.qpos[ids], self.qvel[ids] = qpos, qvel
@@ -226,8 +226,10 @@ class _CapiSim:
         ptr = None if sel is None else sel.ctypes.data
         failed = getattr(self.lib, name)(self.ptr, ptr, 0 if sel is None else len(sel), *args)
         if failed:
-            bad = [i for i in ids.tolist() if self.lib.mjb_error(self.ptr, i)]
-            raise RuntimeError(f"{name}: {failed} simulations failed, {bad[0]}: {self.lib.mjb_error(self.ptr, bad[0])}")
+            errors = {i: self.lib.mjb_error(self.ptr, i) for i in ids.tolist()}
+            first = next(((i, e.decode()) for i, e in errors.items() if e), None)
+            where = f"; simulation {first[0]}: {first[1]}" if first else ""
+            raise RuntimeError(f"{name}: MuJoCo raised in {failed} simulations{where}")
 
     def reset(self, ids: np.ndarray, qpos: np.ndarray, qvel: np.ndarray) -> None:
         """``mj_resetData``, the state, ``mj_forward``: gymnasium's ``reset`` and ``set_state``."""
