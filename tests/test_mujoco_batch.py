@@ -1,0 +1,208 @@
+"""The batched MuJoCo sampler (``mamlkit.rl.mujoco_batch``): whole episodes against the gymnasium
+environments of ``mujoco_tasks.py``, the rollout's bookkeeping, per-task parameters, seeding."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mujoco")
+gym = pytest.importorskip("gymnasium")
+
+import mamlkit.config  # noqa: E402, F401  (before rl.config: they import each other)
+from mamlkit.engine.functional import FunctionalModel  # noqa: E402
+from mamlkit.rl import envs  # noqa: E402, F401  (registers the gymnasium environments)
+from mamlkit.rl.config import RLEnvConfig  # noqa: E402
+from mamlkit.rl.mujoco_batch import (  # noqa: E402
+    BatchedMujoco,
+    BatchedMujocoTasks,
+    TaskPolicy,
+    batched_rollout,
+    has_batch,
+    has_capi,
+)
+from mamlkit.rl.policy import GaussianMLPPolicy  # noqa: E402
+
+GYM = {
+    "halfcheetah_vel": ("mamlkit/HalfCheetahVel-v0", "velocity", 1.3),
+    "halfcheetah_dir": ("mamlkit/HalfCheetahDir-v0", "direction", -1.0),
+    "ant_vel": ("mamlkit/AntVel-v0", "velocity", 2.2),
+    "ant_dir": ("mamlkit/AntDir-v0", "direction", 1.0),
+}
+BACKENDS = ["threads"] + (["batch"] if has_batch() else [])  # the half-cheetah's
+ANT_BACKENDS = ["threads"] + (["capi"] if has_capi() else [])
+
+
+@pytest.fixture(autouse=True)
+def _mujoco_log_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MuJoCo's warnings go to MUJOCO_LOG.TXT in the working directory
+
+
+def compare_episodes(name, backend, frame_skip=None, dtype=np.float64, n=3, steps=200, tasks=None):
+    """Step ``n`` batched copies and ``n`` gymnasium envs from the same seeds with the same
+    actions (spread past the bounds, so clipping matters); return each copy's terminal step."""
+    gym_id, key, value = GYM[name]
+    tasks = [value] * n if tasks is None else tasks
+    env = BatchedMujoco(name, n, frame_skip=frame_skip, threads=2, backend=backend)
+    env.set_tasks(tasks)
+    seeds = [100 + i for i in range(n)]
+    obs = env.reset(seeds=seeds)
+    kwargs = {"frame_skip": frame_skip} if frame_skip else {}
+    refs = [gym.make(gym_id, **kwargs) for _ in range(n)]
+    for ref, seed, task, o in zip(refs, seeds, tasks, obs):
+        ref.unwrapped.set_task({key: task})
+        np.testing.assert_allclose(ref.reset(seed=seed)[0], o, rtol=0, atol=1e-9)
+    rng = np.random.default_rng(0)
+    scale = 3.0 if "ant" in name else 1.5
+    alive, ends = np.ones(n, dtype=bool), [None] * n
+    for t in range(steps):
+        actions = rng.normal(0.0, scale, (n, env.act_dim)).astype(dtype)
+        obs, reward, terminated = env.step(actions, alive)
+        for i in np.flatnonzero(alive):
+            o, r, term, _, _ = refs[i].step(actions[i])
+            np.testing.assert_allclose(obs[i], o, rtol=0, atol=1e-9, err_msg=f"copy {i} step {t}")
+            assert abs(reward[i] - r) <= 1e-9, (i, t, reward[i], r)
+            assert terminated[i] == term, (i, t)
+            if term:
+                ends[i] = t
+        alive &= ~terminated
+        if not alive.any():
+            break
+    env.close()
+    return ends
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["halfcheetah_vel", "halfcheetah_dir"])
+def test_halfcheetah_matches_gymnasium(name, backend):
+    ends = compare_episodes(name, backend, tasks=[0.4, 1.3, 2.0] if name.endswith("vel") else [1.0, -1.0, 1.0])
+    assert ends == [None] * 3
+
+
+@pytest.mark.parametrize("backend", ANT_BACKENDS)
+@pytest.mark.parametrize("name", ["ant_vel", "ant_dir"])
+def test_ant_matches_gymnasium_including_terminations(name, backend):
+    ends = compare_episodes(name, backend, n=4)
+    assert any(e is not None for e in ends), "no ant episode terminated: the test would not cover terminations"
+    assert any(e is None for e in ends) or name == "ant_dir"
+
+
+def test_float32_actions_and_frame_skip_override_match_gymnasium():
+    # float32 actions as the sampler sends them: clipped in float32, costs in gymnasium's dtypes
+    compare_episodes("halfcheetah_vel", BACKENDS[-1], dtype=np.float32, n=2, steps=50)
+    compare_episodes("ant_vel", ANT_BACKENDS[-1], dtype=np.float32, n=2, steps=50)
+    ends = compare_episodes("ant_dir", ANT_BACKENDS[-1], frame_skip=5, n=3, steps=60)
+    assert all(e is not None for e in ends)  # gymnasium's 0.05 s step: a random ant falls fast
+
+
+def test_ant_rejects_the_batch_backend():
+    with pytest.raises(ValueError, match="cfrc_ext"):
+        BatchedMujoco("ant_dir", 2, backend="batch")
+
+
+def test_reset_from_one_generator():
+    env = BatchedMujoco("halfcheetah_dir", 5, threads=1)
+    a = env.reset(rng=np.random.default_rng(3))
+    b = env.reset(rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(a, b)
+    init = np.concatenate([env.init_qpos[1:], env.init_qvel])
+    assert np.abs(a[:, :8] - init[:8]).max() <= 0.1 and a.std() > 0
+
+
+def policy(obs_dim, act_dim, log_std=0.0, seed=0):
+    torch.manual_seed(seed)
+    fm = FunctionalModel(GaussianMLPPolicy(obs_dim, act_dim, hidden=(16, 16), init_log_std=log_std))
+    return fm, {k: v.detach().clone() for k, v in fm.params().items()}
+
+
+def test_rollout_mask_rewards_and_replay_in_gymnasium():
+    env = BatchedMujoco("ant_vel", 12, frame_skip=5, threads=2)
+    fm, params = policy(env.obs_dim, env.act_dim, log_std=0.5)
+    tasks = torch.tensor([[0.5], [1.5], [2.5]])
+    seed = 7
+    ep = batched_rollout(env, fm, params, tasks, 4, 60, torch.Generator().manual_seed(0), seed)
+    assert ep.obs.shape == (3, 4, 60, env.obs_dim) and ep.actions.shape == (3, 4, 60, 8)
+    assert ep.rewards.shape == ep.mask.shape == (3, 4, 60)
+    m = ep.mask
+    assert set(m.unique().tolist()) <= {0.0, 1.0} and (m[..., 0] == 1).all()
+    assert (m[..., 1:] <= m[..., :-1]).all()  # once ended, ended
+    assert (ep.rewards[m == 0] == 0).all()
+    lengths = m.sum(-1).long()
+    assert (lengths < 60).any(), "no episode terminated"
+    # replay each episode's actions in gymnasium from its seed: same rewards, same end
+    for i in range(3):
+        for j in range(4):
+            ref = gym.make("mamlkit/AntVel-v0", frame_skip=5)
+            ref.unwrapped.set_task({"velocity": float(tasks[i, 0])})
+            o, _ = ref.reset(seed=seed + 4 * i + j)
+            for t in range(int(lengths[i, j])):
+                np.testing.assert_allclose(ep.obs[i, j, t].numpy(), o, rtol=1e-6, atol=1e-6)
+                o, r, term, _, _ = ref.step(ep.actions[i, j, t].numpy())
+                assert ep.rewards[i, j, t].item() == pytest.approx(r, rel=1e-6, abs=1e-6)
+                assert term == (t == lengths[i, j] - 1 and lengths[i, j] < 60)
+
+
+def test_per_task_parameters_are_used_per_task_and_oracle_obs():
+    env = BatchedMujoco("halfcheetah_vel", 6, threads=1)
+    fm, a = policy(env.obs_dim + 1, env.act_dim, log_std=-30.0)  # oracle: the task is an input
+    b = {k: v.clone() for k, v in a.items()}
+    b["mean.4.bias"] += 3.0
+    tasks = torch.tensor([[0.25], [1.75]])
+    ep = batched_rollout(env, fm, [a, b], tasks, 3, 20, torch.Generator().manual_seed(0), 0, oracle=True)
+    assert (ep.obs[0, ..., -1] == 0.25).all() and (ep.obs[1, ..., -1] == 1.75).all()
+    for i, p in enumerate([a, b]):
+        mean, _ = fm(p, ep.obs[i])
+        torch.testing.assert_close(ep.actions[i], mean, rtol=0, atol=1e-5)
+    # the other task's parameters give other actions
+    assert (fm(b, ep.obs[0])[0] - ep.actions[0]).abs().min() > 1.0
+
+
+def test_mlp_fast_path_matches_vmap():
+    fm, base = policy(17, 6)
+    params = [{k: v + 0.1 * torch.randn_like(v) for k, v in base.items()} for _ in range(4)]
+    obs = torch.randn(3, 5, 17)
+    fast = TaskPolicy(fm, params)
+    assert fast.layers is not None
+    slow = TaskPolicy(fm, params)
+    slow.layers = None
+    for x, y in zip(fast(obs, slice(1, 4)), slow(obs, slice(1, 4))):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_same_episodes_and_chunks():
+    env = BatchedMujoco("halfcheetah_dir", 9, threads=2)
+    fm, params = policy(env.obs_dim, env.act_dim)
+    tasks = torch.tensor([[1.0], [-1.0], [1.0]])
+
+    def run(e, gseed, seed=5, p=params):
+        return batched_rollout(e, fm, p, tasks, 3, 30, torch.Generator().manual_seed(gseed), seed)
+
+    x, y, z = run(env, 0), run(env, 0), run(env, 1)
+    for u, v in zip(x, y):
+        assert torch.equal(u, v)
+    assert not torch.equal(x.actions, z.actions)
+    assert torch.equal(x.obs[:, :, 0], z.obs[:, :, 0])  # same seeds, same initial states
+    # fewer copies than episodes: tasks run in chunks; with zero noise the episodes are the same
+    # up to the policy's float32 rounding (batched matmuls of other shapes), which the dynamics
+    # amplify: compare the first steps
+    _, det = policy(env.obs_dim, env.act_dim, log_std=float("-inf"))
+    small = BatchedMujoco("halfcheetah_dir", 4, threads=1)  # one task (3 episodes) at a time
+    big, chunked = run(env, 0, p=[det] * 3), run(small, 0, p=[det] * 3)
+    assert torch.equal(big.obs[:, :, 0], chunked.obs[:, :, 0])
+    torch.testing.assert_close(big.obs[:, :, :10], chunked.obs[:, :, :10], rtol=0, atol=1e-5)
+    torch.testing.assert_close(big.rewards[:, :, :10], chunked.rewards[:, :, :10], rtol=0, atol=1e-5)
+
+
+def test_family_matches_vector_sampler_initial_states():
+    from mamlkit.rl.tasks import make_tasks
+
+    cfg = RLEnvConfig(name="halfcheetah_vel", horizon=3, num_envs=4)
+    old, new = make_tasks(cfg), BatchedMujocoTasks(cfg, threads=1)
+    assert (old.obs_dim, old.act_dim) == (new.obs_dim, new.act_dim)
+    fm, params = policy(new.obs_dim, new.act_dim)
+    g_old, g_new = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    tasks = old.sample(2, g_old)
+    assert torch.equal(tasks, new.sample(2, g_new))
+    a = old.rollout(fm, params, tasks, 3, g_old)
+    b = new.rollout(fm, params, tasks, 3, g_new)
+    assert a.obs.shape == b.obs.shape
+    torch.testing.assert_close(a.obs[:, :, 0], b.obs[:, :, 0], rtol=0, atol=0)
