@@ -1,14 +1,15 @@
-"""Env steps per second of the batched MuJoCo sampler against the gymnasium vector path, policy in the loop.
+"""Env steps per second of the batched MuJoCo sampler, policy in the loop, beside gymnasium stepping one env.
 
 Samples a meta-batch (``--tasks`` × ``--trajectories`` × ``--horizon``) of each family with the
 2×100 Gaussian MLP, every task with its own parameters (as after the inner update; ``--shared``
 adds rows with one parameter set for all tasks, as before it):
 
-- new: ``mujoco_batch.BatchedMujocoTasks.rollout`` (all episodes stepped together), for each
-  ``--sim-threads`` count;
-- old: ``tasks.make_tasks(cfg.env).rollout`` from the family's preset, as the training loop
-  calls it, with the preset's env settings and with each ``--old`` override set (on
-  ``--old-tasks`` tasks to keep the run short; the rate does not depend on the task count).
+- the sampler: ``tasks.make_tasks(cfg.env).rollout`` (all episodes stepped together) from the
+  family's preset, for each ``--sim-threads`` count;
+- the reference: the family's gymnasium environment (``gym.make``, as registered by mamlkit)
+  stepped one step at a time in this process with random actions and no policy, ``--gym-steps``
+  steps. (The gymnasium vector path the sampler replaced measured 34,000-54,000 half-cheetah
+  steps/s here: BENCHMARKS.md.)
 
 Steps/s counts the steps episodes really took (``mask.sum()``: ant episodes end early and the
 samplers stop stepping them). Each row: best and median of ``--repeats`` rollouts after one
@@ -25,8 +26,8 @@ threads, for each ``--sim-threads`` count.
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/rl_batched_sampler.py [--families halfcheetah_vel,ant_vel]
-        [--sim-threads 1,2] [--torch-threads 1] [--repeats 3] [--old-tasks 10]
-        [--old "env.num_envs=40 env.processes=2"] [--shared] [--sim [--sim-steps 50]] [--policy]
+        [--sim-threads 1,2] [--torch-threads 1] [--repeats 3] [--gym-steps 20000]
+        [--shared] [--sim [--sim-steps 50]] [--policy]
 """
 
 from __future__ import annotations
@@ -57,12 +58,12 @@ def policy_and_params(obs_dim: int, act_dim: int, n_tasks: int, seed: int = 0):
 
 def time_rollouts(family, fm, params, tasks: torch.Tensor, trajectories: int, repeats: int) -> tuple[float, float, int]:
     """(best, median) valid env steps/s over ``repeats`` rollouts after a warm-up; steps per rollout."""
-    g = torch.Generator().manual_seed(0)
-    family.rollout(fm, params, tasks, trajectories, g)  # warm-up (and the lazily built copies)
+    seeds = torch.arange(len(tasks)) * 1000
+    family.rollout(fm, params, tasks, trajectories, seeds)  # warm-up (and the lazily built copies)
     rates, steps = [], 0
-    for _ in range(repeats):
+    for i in range(repeats):
         t0 = time.perf_counter()
-        ep = family.rollout(fm, params, tasks, trajectories, g)
+        ep = family.rollout(fm, params, tasks, trajectories, seeds + i + 1)
         dt = time.perf_counter() - t0
         steps = int(ep.mask.sum())
         rates.append(steps / dt)
@@ -74,7 +75,8 @@ def bench_simulators(name: str, n: int, threads_list: list[int], steps: int, rep
     import mujoco
     import mujoco.rollout
 
-    from mamlkit.rl.mujoco_batch import BatchedMujoco, _CapiSim, _ThreadSim, has_batch, has_capi
+    from mamlkit.rl.mujoco_batch import BatchedMujoco
+    from mamlkit.rl.mujoco_sim import _CapiSim, _ThreadSim, has_batch, has_capi
 
     env = BatchedMujoco(name, 1, threads=1, backend="threads")
     m, fs, ant = env.model, env.frame_skip, env.family.ant
@@ -192,13 +194,7 @@ def main() -> None:
     p.add_argument("--backend", default=None, help="batched sampler back end: batch or threads (default: per family)")
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--old-tasks", type=int, default=10, help="tasks of the old path's meta-batch (0: skip it)")
-    p.add_argument(
-        "--old",
-        action="append",
-        default=None,
-        help="space-separated config overrides of an extra old-path row (default: 'env.num_envs=40 env.processes=2')",
-    )
+    p.add_argument("--gym-steps", type=int, default=20000, help="steps of the gymnasium reference row (0: skip)")
     p.add_argument("--shared", action="store_true", help="also time one parameter set for all tasks")
     p.add_argument("--sim", action="store_true", help="time the simulator designs alone instead")
     p.add_argument("--policy", action="store_true", help="time the ways to call per-task policies instead")
@@ -209,8 +205,8 @@ def main() -> None:
     import gymnasium as gym
     import mujoco
 
-    from mamlkit import config
-    from mamlkit.rl.mujoco_batch import BatchedMujocoTasks
+    from mamlkit.experiments import load_config
+    from mamlkit.rl.families import MUJOCO
     from mamlkit.rl.tasks import make_tasks
 
     print(
@@ -235,13 +231,12 @@ def main() -> None:
     print(f"# meta-batch {args.tasks} tasks x {args.trajectories} trajectories x {args.horizon} steps\n")
     print("| family | sampler | params | best steps/s | median steps/s | steps | load before |")
     print("|---|---|---|---:|---:|---:|---|")
-    old_rows = args.old if args.old is not None else ["env.num_envs=40 env.processes=2"]
     for name in args.families.split(","):
         preset = "rl-" + name.replace("_", "-")
-        cfg = config.load(preset, [f"env.horizon={args.horizon}"])
         g = torch.Generator().manual_seed(1)
         for threads in [int(x) for x in args.sim_threads.split(",")]:
-            fam = BatchedMujocoTasks(cfg.env, threads=threads, backend=args.backend)
+            cfg = load_config(preset, [f"env.horizon={args.horizon}", f"env.sim_threads={threads}"])
+            fam = make_tasks(cfg.env)
             tasks = fam.sample(args.tasks, g)
             fm, base, per_task = policy_and_params(fam.obs_dim, fam.act_dim, args.tasks)
             for label, params in [("per task", per_task)] + ([("shared", base)] if args.shared else []):
@@ -251,19 +246,18 @@ def main() -> None:
                 row = f"batched ({backend}), {threads} sim thread{'s' if threads > 1 else ''}"
                 print(f"| {name} | {row} | {label} | {best:,.0f} | {med:,.0f} | {steps:,} | {before} |", flush=True)
             fam._sim.close()
-        if args.old_tasks:
-            for overrides in ["", *old_rows]:
-                ocfg = config.load(preset, [f"env.horizon={args.horizon}", *overrides.split()])
-                fam = make_tasks(ocfg.env)
-                tasks = fam.sample(args.old_tasks, g)
-                fm, _, per_task = policy_and_params(fam.obs_dim, fam.act_dim, args.old_tasks)
-                before = load()
-                best, med, steps = time_rollouts(fam, fm, per_task, tasks, args.trajectories, args.repeats)
-                e = ocfg.env
-                row = f"gymnasium vector (num_envs={e.num_envs}, processes={e.processes})"
-                print(f"| {name} | {row} | per task | {best:,.0f} | {med:,.0f} | {steps:,} | {before} |", flush=True)
-                if hasattr(fam.vec, "close"):
-                    fam.vec.close()
+        if args.gym_steps:
+            before = load()
+            env = gym.make(MUJOCO[name].env_id)
+            env.reset(seed=0)
+            actions = np.random.default_rng(0).uniform(-1, 1, (args.gym_steps, *env.action_space.shape))
+            t0 = time.perf_counter()
+            for a in actions:
+                if any(env.step(a)[2:4]):
+                    env.reset()
+            rate = args.gym_steps / (time.perf_counter() - t0)
+            row = "gymnasium env, one step at a time (no policy)"
+            print(f"| {name} | {row} | – | {rate:,.0f} | | {args.gym_steps:,} | {before} |", flush=True)
     print(f"\n# load at the end {load()}")
 
 

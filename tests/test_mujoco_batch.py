@@ -8,19 +8,13 @@ import torch
 pytest.importorskip("mujoco")
 gym = pytest.importorskip("gymnasium")
 
-import mamlkit.config  # noqa: E402, F401  (before rl.config: they import each other)
 from mamlkit.engine.functional import FunctionalModel  # noqa: E402
 from mamlkit.rl import envs  # noqa: E402, F401  (registers the gymnasium environments)
 from mamlkit.rl.config import RLEnvConfig  # noqa: E402
-from mamlkit.rl.mujoco_batch import (  # noqa: E402
-    BatchedMujoco,
-    BatchedMujocoTasks,
-    TaskPolicy,
-    batched_rollout,
-    has_batch,
-    has_capi,
-)
+from mamlkit.rl.mujoco_batch import BatchedMujoco, TaskPolicy, batched_rollout  # noqa: E402
+from mamlkit.rl.mujoco_sim import has_batch, has_capi  # noqa: E402
 from mamlkit.rl.policy import GaussianMLPPolicy  # noqa: E402
+from mamlkit.rl.tasks import make_tasks  # noqa: E402
 
 GYM = {
     "halfcheetah_vel": ("mamlkit/HalfCheetahVel-v0", "velocity", 1.3),
@@ -118,8 +112,8 @@ def test_rollout_mask_rewards_and_replay_in_gymnasium():
     env = BatchedMujoco("ant_vel", 12, frame_skip=5, threads=2)
     fm, params = policy(env.obs_dim, env.act_dim, log_std=0.5)
     tasks = torch.tensor([[0.5], [1.5], [2.5]])
-    seed = 7
-    ep = batched_rollout(env, fm, params, tasks, 4, 60, torch.Generator().manual_seed(0), seed)
+    seeds = torch.tensor([7, 70, 700])
+    ep = batched_rollout(env, fm, params, tasks, 4, 60, seeds)
     assert ep.obs.shape == (3, 4, 60, env.obs_dim) and ep.actions.shape == (3, 4, 60, 8)
     assert ep.rewards.shape == ep.mask.shape == (3, 4, 60)
     m = ep.mask
@@ -133,7 +127,7 @@ def test_rollout_mask_rewards_and_replay_in_gymnasium():
         for j in range(4):
             ref = gym.make("mamlkit/AntVel-v0", frame_skip=5)
             ref.unwrapped.set_task({"velocity": float(tasks[i, 0])})
-            o, _ = ref.reset(seed=seed + 4 * i + j)
+            o, _ = ref.reset(seed=int(seeds[i]) + j)
             for t in range(int(lengths[i, j])):
                 np.testing.assert_allclose(ep.obs[i, j, t].numpy(), o, rtol=1e-6, atol=1e-6)
                 o, r, term, _, _ = ref.step(ep.actions[i, j, t].numpy())
@@ -147,7 +141,7 @@ def test_per_task_parameters_are_used_per_task_and_oracle_obs():
     b = {k: v.clone() for k, v in a.items()}
     b["mean.4.bias"] += 3.0
     tasks = torch.tensor([[0.25], [1.75]])
-    ep = batched_rollout(env, fm, [a, b], tasks, 3, 20, torch.Generator().manual_seed(0), 0, oracle=True)
+    ep = batched_rollout(env, fm, [a, b], tasks, 3, 20, torch.tensor([0, 1]), oracle=True)
     assert (ep.obs[0, ..., -1] == 0.25).all() and (ep.obs[1, ..., -1] == 1.75).all()
     for i, p in enumerate([a, b]):
         mean, _ = fm(p, ep.obs[i])
@@ -168,41 +162,43 @@ def test_mlp_fast_path_matches_vmap():
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
-def test_same_seed_same_episodes_and_chunks():
+def test_same_seed_same_episodes_whatever_the_other_tasks_and_chunks():
     env = BatchedMujoco("halfcheetah_dir", 9, threads=2)
     fm, params = policy(env.obs_dim, env.act_dim)
     tasks = torch.tensor([[1.0], [-1.0], [1.0]])
 
-    def run(e, gseed, seed=5, p=params):
-        return batched_rollout(e, fm, p, tasks, 3, 30, torch.Generator().manual_seed(gseed), seed)
+    def run(e, seeds, p=params, t=tasks):
+        return batched_rollout(e, fm, p, t, 3, 30, torch.tensor(seeds))
 
-    x, y, z = run(env, 0), run(env, 0), run(env, 1)
+    x, y, z = run(env, [5, 6, 7]), run(env, [5, 6, 7]), run(env, [5, 6, 8])
     for u, v in zip(x, y):
         assert torch.equal(u, v)
-    assert not torch.equal(x.actions, z.actions)
-    assert torch.equal(x.obs[:, :, 0], z.obs[:, :, 0])  # same seeds, same initial states
+    assert torch.equal(x.actions[:2], z.actions[:2]) and not torch.equal(x.actions[2], z.actions[2])
+    # A task's episodes depend on its own seed only, not on the other tasks of the call (what
+    # lets torchrun's processes sample their shares): task 1 alone equals task 1 among three.
+    # (Up to the float32 rounding of batched matmuls of another shape, which the dynamics amplify.)
+    alone = run(env, [6], t=tasks[1:2])
+    assert torch.equal(alone.obs[0, :, 0], x.obs[1, :, 0])
+    for u, v in zip(alone, x):
+        torch.testing.assert_close(u[0], v[1], rtol=1e-4, atol=1e-4)
     # fewer copies than episodes: tasks run in chunks; with zero noise the episodes are the same
     # up to the policy's float32 rounding (batched matmuls of other shapes), which the dynamics
     # amplify: compare the first steps
     _, det = policy(env.obs_dim, env.act_dim, log_std=float("-inf"))
     small = BatchedMujoco("halfcheetah_dir", 4, threads=1)  # one task (3 episodes) at a time
-    big, chunked = run(env, 0, p=[det] * 3), run(small, 0, p=[det] * 3)
+    big, chunked = run(env, [5, 6, 7], p=[det] * 3), run(small, [5, 6, 7], p=[det] * 3)
     assert torch.equal(big.obs[:, :, 0], chunked.obs[:, :, 0])
     torch.testing.assert_close(big.obs[:, :, :10], chunked.obs[:, :, :10], rtol=0, atol=1e-5)
     torch.testing.assert_close(big.rewards[:, :, :10], chunked.rewards[:, :, :10], rtol=0, atol=1e-5)
 
 
-def test_family_matches_vector_sampler_initial_states():
-    from mamlkit.rl.tasks import make_tasks
-
-    cfg = RLEnvConfig(name="halfcheetah_vel", horizon=3, num_envs=4)
-    old, new = make_tasks(cfg), BatchedMujocoTasks(cfg, threads=1)
-    assert (old.obs_dim, old.act_dim) == (new.obs_dim, new.act_dim)
-    fm, params = policy(new.obs_dim, new.act_dim)
-    g_old, g_new = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    tasks = old.sample(2, g_old)
-    assert torch.equal(tasks, new.sample(2, g_new))
-    a = old.rollout(fm, params, tasks, 3, g_old)
-    b = new.rollout(fm, params, tasks, 3, g_new)
-    assert a.obs.shape == b.obs.shape
-    torch.testing.assert_close(a.obs[:, :, 0], b.obs[:, :, 0], rtol=0, atol=0)
+def test_task_family_builds_the_config_s_simulator():
+    """env.frame_skip reaches the simulator (0 = the official step), and the family samples its
+    task range."""
+    for frame_skip, dt in ((0, 0.01), (5, 0.05)):
+        family = make_tasks(RLEnvConfig(name="halfcheetah_dir", horizon=3, frame_skip=frame_skip, sim_threads=1))
+        fm, params = policy(family.obs_dim, family.act_dim)
+        ep = family.rollout(fm, params, torch.tensor([[1.0]]), 2, torch.tensor([3]))
+        assert ep.obs.shape == (1, 2, 3, 17) and family._sim.dt == pytest.approx(dt)
+    vel = make_tasks(RLEnvConfig(name="ant_vel", sim_threads=1)).sample(500, torch.Generator().manual_seed(0))
+    assert 0 <= vel.min() and vel.max() <= 3 and vel.max() > 2.5

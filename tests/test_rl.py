@@ -85,7 +85,7 @@ def test_rollout_masks_after_termination():
     goals = torch.tensor([[0.05, 0.0]])
     env = NavigationBatch(goals, 1)
     toward_goal = lambda obs: (torch.tensor([0.05, 0.0]).expand_as(obs), torch.full_like(obs, -30.0))  # noqa: E731
-    ep = rollout(toward_goal, env, 5, torch.Generator().manual_seed(0))
+    ep = rollout(toward_goal, env, torch.randn(1, 1, 5, 2))
     assert ep.mask[0, 0].tolist() == [1, 0, 0, 0, 0]  # at the goal after one step
     assert ep.returns()[0, 0].item() == pytest.approx(0.0, abs=1e-5)
 
@@ -154,7 +154,8 @@ def tiny_problem(first_order=False, dtype=torch.float64, tasks=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     family = NavigationTasks(RLEnvConfig(horizon=12, normalize_actions=False))
     goals = sample_goals(tasks, g).to(dtype)
-    data, _ = sample_meta_batch(maml, family, goals, 5, advantage_fn(0.99, 1.0, True, 1e-5), g)
+    seeds = torch.randint(2**30, (2, tasks), generator=g)
+    data, _ = sample_meta_batch(maml, family, goals, 5, advantage_fn(0.99, 1.0, True, 1e-5), seeds)
     return maml, trpo, data
 
 
@@ -248,8 +249,8 @@ def test_config_registered_and_checked():
     assert cfg.maml.inner_lr == 0.1 and cfg.algo.max_kl == 0.01
     with pytest.raises(config.ConfigError, match="models"):
         load_config("rl-navigation2d-tiny", ["models=[maml,bogus]"])
-    with pytest.raises(config.ConfigError, match="processes"):
-        load_config("rl-navigation2d-tiny", ["env.asynchronous=true", "env.processes=2"])
+    with pytest.warns(UserWarning, match="env.num_envs is no longer used"):  # as old runs' configs hold it
+        assert load_config("rl-navigation2d-tiny", ["env.num_envs=8"]).env.sim_threads == 0
     with pytest.raises(config.ConfigError, match="learn_inner_lr.*not supported.*uses only maml.inner_lr"):
         load_config("rl-navigation2d-tiny", ["maml.learn_inner_lr=true"])
     with pytest.raises(config.ConfigError, match="maml.compile, maml.autocast: not supported"):

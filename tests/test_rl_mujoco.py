@@ -1,27 +1,16 @@
-"""MuJoCo task environments: reward definitions, termination, the task API through the vector
-API, and one tiny training/evaluation run (skipped without ``gymnasium[mujoco]``)."""
+"""MuJoCo task environments: reward definitions, termination, the task API, and one tiny
+training/evaluation run (skipped without ``gymnasium[mujoco]``)."""
 
 import json
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("mujoco")
 gym = pytest.importorskip("gymnasium")
 
 from mamlkit import cli  # noqa: E402
-from mamlkit.engine.functional import FunctionalModel  # noqa: E402
 from mamlkit.rl import envs  # noqa: E402
-from mamlkit.rl.config import RLEnvConfig  # noqa: E402
-from mamlkit.rl.policy import GaussianMLPPolicy  # noqa: E402
-from mamlkit.rl.tasks import make_tasks  # noqa: E402
-from mamlkit.rl.vector_sampler import (  # noqa: E402
-    SplitVectorEnv,
-    indexed_policy,
-    make_vector_env,
-    vector_rollout,
-)
 
 
 @pytest.fixture(autouse=True)
@@ -100,10 +89,6 @@ def test_simulation_step_is_the_official_codes():
     assert gym.make("mamlkit/HalfCheetahVel-v0").unwrapped.dt == pytest.approx(0.01)
     assert gym.make("mamlkit/AntDir-v0").unwrapped.dt == pytest.approx(0.02)
     assert gym.make("mamlkit/AntDir-v0", frame_skip=5).unwrapped.dt == pytest.approx(0.05)
-    for frame_skip, dt in ((0, 0.01), (5, 0.05)):  # the config's env.frame_skip reaches the vector env
-        family = make_tasks(RLEnvConfig(name="halfcheetah_dir", num_envs=1, frame_skip=frame_skip))
-        assert family.vec.get_attr("dt")[0] == pytest.approx(dt)
-        family.vec.close()
 
 
 def test_task_sampling_ranges():
@@ -116,41 +101,12 @@ def test_task_sampling_ranges():
     assert envs.NAVIGATION in gym.registry
 
 
-def test_vector_rollout_sets_each_copy_to_its_task():
-    vec = make_vector_env("mamlkit/HalfCheetahDir-v0", 3)
-    fm = FunctionalModel(GaussianMLPPolicy(17, 6, (8,)))
-    params = {k: v.detach() for k, v in fm.params().items()}
-    tasks = [{"direction": 1.0}, {"direction": -1.0}]
-    ep = vector_rollout(vec, indexed_policy(fm, params), tasks, 2, 6, torch.Generator().manual_seed(0), 0)
-    assert ep.obs.shape == (2, 2, 6, 17) and ep.actions.shape == (2, 2, 6, 6)
-    assert ep.mask.all()
-    # 4 episodes on 3 copies: the second chunk runs episodes 3, 0, 1 (wrapped; the repeats are dropped)
-    assert list(vec.get_attr("task")) == [tasks[1], tasks[0], tasks[0]]
-    vec.close()
-
-
-def test_split_vector_env_gives_the_same_episodes():
-    """Copies split over this process and a worker: the same seeds, tasks and data as one process."""
-    fm = FunctionalModel(GaussianMLPPolicy(17, 6, (8,)))
-    base = {k: v.detach() for k, v in fm.params().items()}
-    params = [{k: v + 0.1 * i for k, v in base.items()} for i in range(2)]
-    tasks = [{"direction": 1.0}, {"direction": -1.0}]
-    eps = []
-    for processes in (1, 2):
-        vec = make_vector_env("mamlkit/HalfCheetahDir-v0", 3, processes=processes)
-        eps.append(vector_rollout(vec, indexed_policy(fm, params), tasks, 2, 6, torch.Generator().manual_seed(0), 7))
-        vec.close()
-    assert isinstance(vec, SplitVectorEnv) and vec.groups == [(0, 2), (2, 3)]
-    assert all(torch.equal(a, b) for a, b in zip(*eps))
-
-
 def test_tiny_halfcheetah_run_end_to_end(tmp_path):
     out = tmp_path / "run"
     sets = [
         "models=[maml,oracle,random]",
         "env.horizon=5",
-        "env.num_envs=2",
-        "env.processes=2",
+        "env.sim_threads=2",
         "policy.hidden=[8]",
         "train.iterations=1",
         "train.meta_batch_size=2",
@@ -165,16 +121,3 @@ def test_tiny_halfcheetah_run_end_to_end(tmp_path):
     assert cli.main(["eval", str(out)]) == 0
     res = json.loads((out / "eval.json").read_text())
     assert res["env"] == "halfcheetah_vel" and len(res["models"]["maml"]["returns"]) == 2
-
-
-def test_indexed_policy_uses_each_rows_task_parameters():
-    """Runs of rows per task (wrapping chunks included) give each row its own task's outputs."""
-    fm = FunctionalModel(GaussianMLPPolicy(17, 6, (8,)))
-    base = {k: v.detach() for k, v in fm.params().items()}
-    params = [{k: v + 0.1 * i for k, v in base.items()} for i in range(3)]
-    task_index = torch.tensor([1, 1, 2, 2, 2, 0, 0])
-    obs = torch.randn(7, 17, generator=torch.Generator().manual_seed(0))
-    mean, log_std = indexed_policy(fm, params)(task_index)(obs)
-    for j, i in enumerate(task_index.tolist()):
-        m, s = fm(params[i], obs[j : j + 1])
-        assert torch.allclose(mean[j], m[0], atol=1e-6) and torch.equal(log_std[j], s[0])

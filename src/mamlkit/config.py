@@ -6,12 +6,14 @@ naming the key and what it accepts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import math
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -240,7 +242,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def build(cls: type, raw: dict):
-    """Validate a raw dict into the config dataclass ``cls`` (its ``check()`` included)."""
+    """Validate a raw dict into the config dataclass ``cls`` (its ``check()`` included). Keys that
+    ``cls.RETIRED`` lists (settings earlier versions had) are dropped with a warning."""
+    raw = _drop_retired(raw, getattr(cls, "RETIRED", {}))
     cfg = _from_dict(cls, raw, "")
     if hasattr(cfg, "check"):
         cfg.check()
@@ -249,6 +253,19 @@ def build(cls: type, raw: dict):
 
         cfg.train.device = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg
+
+
+def _drop_retired(raw: dict, retired: dict[str, str]) -> dict:
+    raw = copy.deepcopy(raw) if retired else raw  # the caller's dict stays as it was
+    for key, why in retired.items():
+        *path, last = key.split(".")
+        node = raw
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node:
+            del node[last]
+            warnings.warn(f"config key {key} is no longer used ({why}); ignored", stacklevel=3)
+    return raw
 
 
 def to_dict(cfg) -> dict:

@@ -62,21 +62,28 @@ def shard(n: int) -> slice:
     return slice(start, start + base + (r < extra))
 
 
+def _device() -> torch.device:
+    """Where the collectives' tensors live: NCCL reduces CUDA tensors only."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum_(tensors: list[Tensor]) -> None:
-    """Sum each tensor over the ranks, in place (one flat message)."""
+    """Sum each tensor over the ranks, in place (one flat message, in the first tensor's dtype)."""
     if not active() or not tensors:
         return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = torch.cat([t.reshape(-1).to(tensors[0].dtype) for t in tensors]).to(_device())
     dist.all_reduce(flat)
     for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         t.copy_(part.view_as(t))
 
 
-def any_rank(flag: bool, device="cpu") -> bool:
+def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any (a stop that all ranks take together)."""
     if not active():
         return flag
-    t = torch.tensor([float(flag)], device=device)
+    t = torch.tensor([float(flag)], device=_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

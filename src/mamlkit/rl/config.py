@@ -36,13 +36,11 @@ class RLEnvConfig:
         doc="MuJoCo: simulator steps per environment step; 0 = the official code's (rllab's models: "
         "half-cheetah 1 = 0.01 s, ant 2 = 0.02 s); gymnasium's own default is 5",
     )
-    num_envs: int = spec(8, low=1, doc="MuJoCo: environment copies stepped together (gymnasium vector API)")
-    asynchronous: bool = spec(False, doc="MuJoCo: step the copies in worker processes (AsyncVectorEnv)")
-    processes: int = spec(
-        1,
-        low=1,
-        doc="MuJoCo: processes that step the copies together, this one included (the copies are split "
-        "evenly; one message per worker and step); 1 = all in this process",
+    sim_threads: int = spec(
+        0,
+        low=0,
+        doc="MuJoCo: simulator threads stepping every episode of a rollout together (0 = the CPUs this "
+        "process may use); torch's own threads are train.threads",
     )
 
 
@@ -107,6 +105,14 @@ class RLEvalConfig:
 
 @dataclass
 class RLConfig:
+    # Settings of earlier versions that no longer exist: dropped with a warning when a saved run
+    # or an old config is read, so every run kept under results/ still loads.
+    RETIRED = {
+        "env.num_envs": "every episode of a rollout is stepped together now",
+        "env.asynchronous": "every episode of a rollout is stepped together now",
+        "env.processes": "every episode of a rollout is stepped together now; see env.sim_threads",
+    }
+
     experiment: str = spec("rl", choices=("rl",))
     description: str = spec("", doc="one line shown by `mamlkit presets`")
     # The order sets each model's seed (train.seed + position), so it stays as first released.
@@ -139,7 +145,5 @@ class RLConfig:
             raise ConfigError(f"eval.tune_inner_lrs: step sizes must be positive, got {self.eval.tune_inner_lrs}")
         if self.eval.tune_inner_lrs and self.eval.tune_seed == self.eval.seed:
             raise ConfigError("eval.tune_seed equals eval.seed: step sizes would be chosen on the test tasks")
-        if self.env.asynchronous and self.env.processes > 1:
-            raise ConfigError("env.asynchronous and env.processes > 1 exclude each other; choose one")
         if not self.eval.inner_lrs or any(lr < 0 for lr in self.eval.inner_lrs):
             raise ConfigError(f"eval.inner_lrs: expected non-negative step sizes, got {self.eval.inner_lrs}")

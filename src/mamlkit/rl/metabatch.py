@@ -15,10 +15,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..engine import MAML
 from ..engine.functional import Params, detach
 from ..engine.strategies import map_tasks
 from .sampler import Episodes, advantages, policy_fn
+from .tasks import rollout_seeds
 from .trpo import MetaTRPO, TaskData, task_strategy
 
 AdvantageFn = Callable[[Episodes], Tensor]
@@ -69,22 +71,23 @@ def adapt_tasks(
 
 
 def sample_meta_batch(
-    learner: MAML, family, tasks: Tensor, trajectories: int, adv: AdvantageFn, generator: torch.Generator
+    learner: MAML, family, tasks: Tensor, trajectories: int, adv: AdvantageFn, seeds: Tensor
 ) -> tuple[TaskData, dict[str, float]]:
     """Sample a meta-batch for TRPO: ``trajectories`` episodes per task with the meta-parameters,
     the learner's inner step on each task, then as many with the adapted parameters (only the
-    latter without inner steps). Returns the ``TaskData`` of all tasks and the mean returns."""
+    latter without inner steps); ``seeds [2, tasks]``: each task's seeds of the two rollouts.
+    Returns the ``TaskData`` of all tasks and the mean returns."""
     theta = detach(learner.params())
     info = {}
     pre, targets = None, None
     if learner.inner_steps:
-        pre = family.rollout(learner.fmodel, theta, tasks, trajectories, generator)
+        pre = family.rollout(learner.fmodel, theta, tasks, trajectories, seeds[0])
         targets = (pre.actions, adv(pre), pre.mask)
         adapted = _adapt(learner, pre.obs, targets, theta)
         info["return_pre"] = pre.returns().mean().item()
     else:
         adapted = [theta] * len(tasks)
-    post = family.rollout(learner.fmodel, adapted, tasks, trajectories, generator)
+    post = family.rollout(learner.fmodel, adapted, tasks, trajectories, seeds[1])
     with torch.no_grad():
         old_mean, old_log_std = policy_fn(learner.fmodel, adapted)(post.obs)
     info["return_post" if pre is not None else "return"] = post.returns().mean().item()
@@ -116,7 +119,7 @@ def adaptation_returns(
     params: list[Params] = [detach(learner.params())] * len(tasks)
     out = []
     for s in range(steps + 1):
-        ep = family.rollout(learner.fmodel, params, tasks, trajectories, generator)
+        ep = family.rollout(learner.fmodel, params, tasks, trajectories, rollout_seeds(len(tasks), generator))
         out.append(ep.returns().mean(1))
         if s == steps:
             break
@@ -138,13 +141,15 @@ def tune_inner_lrs(
     candidate whose adapted policies return most, given the sizes already chosen. Returns
     ``(sizes, mean return of every candidate at every step)``."""
     params: list[Params] = [detach(learner.params())] * len(tasks)
-    ep = family.rollout(learner.fmodel, params, tasks, trajectories, generator)
+    ep = family.rollout(learner.fmodel, params, tasks, trajectories, rollout_seeds(len(tasks), generator))
     chosen, table = [], []
     for _ in range(steps):
         trials = []
         for lr in candidates:
             adapted = adapt_tasks(learner, ep, adv, params, lr)
-            trial_ep = family.rollout(learner.fmodel, adapted, tasks, trajectories, generator)
+            trial_ep = family.rollout(
+                learner.fmodel, adapted, tasks, trajectories, rollout_seeds(len(tasks), generator)
+            )
             trials.append((trial_ep.returns().mean().item(), lr, adapted, trial_ep))
         table.append([t[0] for t in trials])
         _, lr, params, ep = max(trials, key=lambda t: t[0])
@@ -154,7 +159,11 @@ def tune_inner_lrs(
 
 class MetaTRPOUpdate:
     """The training loop's outer step for RL: sample ``meta_batch_size`` tasks and their
-    meta-batch, then one ``MetaTRPO`` step. TRPO keeps no state between steps."""
+    meta-batch, then one ``MetaTRPO`` step. TRPO keeps no state between steps.
+
+    Under torchrun every process draws the same tasks and seeds from the shared generator and
+    samples its share of the tasks; TRPO then sums the shares, and the logged returns are the
+    whole meta-batch's."""
 
     def __init__(
         self,
@@ -170,8 +179,17 @@ class MetaTRPOUpdate:
 
     def step(self, generator: torch.Generator) -> dict[str, float]:
         t0 = time.perf_counter()
-        tasks = self.family.sample(self.meta_batch_size, generator).to(self.device)
-        data, info = sample_meta_batch(self.trpo.maml, self.family, tasks, self.trajectories, self.adv, generator)
+        n = self.meta_batch_size
+        tasks = self.family.sample(n, generator).to(self.device)
+        seeds = torch.stack([rollout_seeds(n, generator), rollout_seeds(n, generator)])
+        part = distributed.shard(n)
+        data, info = sample_meta_batch(
+            self.trpo.maml, self.family, tasks[part], self.trajectories, self.adv, seeds[:, part]
+        )
+        if distributed.active():  # the whole meta-batch's mean returns, weighted by task counts
+            values = torch.tensor(list(info.values()), dtype=torch.float64) * ((part.stop - part.start) / n)
+            distributed.all_reduce_sum_([values])
+            info = dict(zip(info, values.tolist()))
         t1 = time.perf_counter()
         stats = self.trpo.step(data)
         return {**info, **stats, "sample_s": t1 - t0, "update_s": time.perf_counter() - t1}

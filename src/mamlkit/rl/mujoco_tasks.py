@@ -35,11 +35,7 @@ import numpy as np
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
-from .families import MUJOCO, MujocoFamily
-
-CHEETAH_CTRL = 0.05  # the paper's 0.05 ||a||² (rllab: 0.5 * 0.1)
-CHEETAH_FRAME_SKIP = 1  # rllab's half_cheetah.xml: timestep 0.01, no frame skip
-ANT_FRAME_SKIP = 2  # rllab's ant.xml: timestep 0.02, no frame skip; gymnasium's model: 0.01
+from .families import ANT_CONTACT, ANT_CTRL, ANT_SURVIVE, CHEETAH_CTRL, FRAME_SKIP, MUJOCO, MujocoFamily
 
 
 class _TaskMixin:
@@ -102,7 +98,7 @@ def _clip(env, action) -> np.ndarray:
 
 class _Cheetah(HalfCheetahEnv):
     def __init__(self, task: dict | None = None, **kwargs):
-        super().__init__(**{"frame_skip": CHEETAH_FRAME_SKIP, **kwargs})
+        super().__init__(**{"frame_skip": FRAME_SKIP["halfcheetah"], **kwargs})
         self._start_with(task)
 
     def step(self, action):
@@ -117,10 +113,10 @@ class _Cheetah(HalfCheetahEnv):
 class _Ant(AntEnv):
     def __init__(self, task: dict | None = None, **kwargs):
         rllab = {
-            "frame_skip": ANT_FRAME_SKIP,
-            "ctrl_cost_weight": 0.005,
-            "healthy_reward": 0.05,
-            "contact_cost_weight": 5e-4,
+            "frame_skip": FRAME_SKIP["ant"],
+            "ctrl_cost_weight": ANT_CTRL,
+            "healthy_reward": ANT_SURVIVE,
+            "contact_cost_weight": ANT_CONTACT,
         }
         super().__init__(**{**rllab, **kwargs})
         self._start_with(task)

@@ -37,17 +37,25 @@ def policy_fn(fmodel: FunctionalModel, params: Params | list[Params]) -> PolicyF
     return lambda obs: torch.func.vmap(fmodel)(stacked, obs)
 
 
+def task_noise(seeds: Tensor, shape: tuple, dtype=torch.float32, device="cpu") -> Tensor:
+    """Standard normal noise ``[tasks, *shape]``, task ``i``'s from its own seed ``seeds[i]``."""
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds]
+    ).to(device)
+
+
 @torch.no_grad()
-def rollout(policy: PolicyFn, env: NavigationBatch, horizon: int, generator: torch.Generator) -> Episodes:
-    """Run ``horizon`` steps of Gaussian actions; the environment clips them, the episode keeps
-    the unclipped action (its log-probability is the policy's)."""
+def rollout(policy: PolicyFn, env: NavigationBatch, noise: Tensor) -> Episodes:
+    """Run ``noise.shape[2]`` steps of Gaussian actions ``mean + std * noise[:, :, t]`` (``noise``
+    ``[tasks, trajectories, time, a]``); the environment clips them, the episode keeps the
+    unclipped action (its log-probability is the policy's)."""
+    horizon = noise.shape[2]
     obs = env.reset()
     alive = torch.ones(obs.shape[:-1], dtype=obs.dtype, device=obs.device)
     all_obs, all_actions, all_rewards, all_mask = [], [], [], []
     for _ in range(horizon):
         mean, log_std = policy(obs)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        action = mean + torch.exp(log_std) * noise
+        action = mean + torch.exp(log_std) * noise[:, :, len(all_obs)]
         next_obs, reward, done = env.step(action)
         all_obs.append(obs)
         all_actions.append(action)

@@ -3,6 +3,11 @@
 A family's tasks are a tensor ``[n, k]`` (navigation: goals ``[n, 2]``; MuJoCo: goal velocity
 or direction ``[n, 1]``); ``rollout`` returns padded ``Episodes [tasks, trajectories, time]``.
 With ``oracle=True`` the observation also holds the task.
+
+Each task's episodes are drawn from its own seed (``seeds[i]``: its action noise and its
+simulator's initial states), so a task's episodes do not depend on which other tasks share
+the call: the processes of a torchrun each sample their share of a meta-batch and together
+sample what one process would.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from ..engine.functional import FunctionalModel, Params
 from .config import RLEnvConfig
 from .families import MUJOCO, NAVIGATION
 from .navigation import NavigationBatch, sample_goals
-from .sampler import Episodes, policy_fn, rollout
+from .sampler import Episodes, policy_fn, rollout, task_noise
 
 
 class NavigationTasks:
@@ -30,32 +35,29 @@ class NavigationTasks:
         return sample_goals(n, g, *self.env.goal_range)
 
     def rollout(
-        self,
-        fmodel: FunctionalModel,
-        params: Params | list[Params],
-        tasks: Tensor,
-        trajectories: int,
-        g: torch.Generator,
+        self, fmodel: FunctionalModel, params: Params | list[Params], tasks: Tensor, trajectories: int, seeds: Tensor
     ) -> Episodes:
         e = self.env
         scale = e.max_action if e.normalize_actions else 1.0
         batch = NavigationBatch(tasks, trajectories, e.max_action, e.goal_tolerance, self.oracle, scale)
-        return rollout(policy_fn(fmodel, params), batch, e.horizon, g)
+        noise = task_noise(seeds, (trajectories, e.horizon, self.act_dim), tasks.dtype, tasks.device)
+        return rollout(policy_fn(fmodel, params), batch, noise)
 
 
 class MujocoTasks:
-    """A MuJoCo task family through gymnasium's vector API (``env.num_envs`` copies)."""
+    """A MuJoCo task family: every episode of a call stepped together (``mujoco_batch``) on
+    ``env.sim_threads`` threads."""
 
     def __init__(self, env: RLEnvConfig, oracle: bool = False):
-        from .vector_sampler import make_vector_env  # imports mujoco only for these families
+        from .mujoco_batch import BatchedMujoco  # imports mujoco only for these families
 
-        self.env, self.oracle = env, oracle
-        self.family = MUJOCO[env.name]
-        kwargs = {"frame_skip": env.frame_skip} if env.frame_skip else {}
-        self.vec = make_vector_env(self.family.env_id, env.num_envs, env.asynchronous, env.processes, **kwargs)
-        space = self.vec.single_observation_space
-        self.obs_dim = space.shape[0] + (1 if oracle else 0)
-        self.act_dim = self.vec.single_action_space.shape[0]
+        self.env, self.oracle, self.family = env, oracle, MUJOCO[env.name]
+        self._make = lambda n: BatchedMujoco(env.name, n, env.frame_skip or None, env.sim_threads or None)
+        self._sim = None
+        probe = self._make(1)
+        self.obs_dim = probe.obs_dim + (1 if oracle else 0)
+        self.act_dim = probe.act_dim
+        probe.close()
 
     def sample(self, n: int, g: torch.Generator) -> Tensor:
         u = torch.rand(n, 1, generator=g)
@@ -63,36 +65,25 @@ class MujocoTasks:
         return u * high if high is not None else torch.where(u < 0.5, -1.0, 1.0)
 
     def rollout(
-        self,
-        fmodel: FunctionalModel,
-        params: Params | list[Params],
-        tasks: Tensor,
-        trajectories: int,
-        g: torch.Generator,
+        self, fmodel: FunctionalModel, params: Params | list[Params], tasks: Tensor, trajectories: int, seeds: Tensor
     ) -> Episodes:
-        from .vector_sampler import indexed_policy, vector_rollout
+        from .mujoco_batch import batched_rollout
 
-        act = indexed_policy(fmodel, params)
-        if self.oracle:
-            act = _with_task_in_obs(act, tasks)
-        task_dicts = [{self.family.key: float(v)} for v in tasks[:, 0]]
-        seed = int(torch.randint(2**31 - 1, (), generator=g))
-        ep = vector_rollout(self.vec, act, task_dicts, trajectories, self.env.horizon, g, seed)
-        if self.oracle:
-            extra = tasks[:, None, None, :].expand(*ep.obs.shape[:-1], tasks.shape[-1])
-            ep = ep._replace(obs=torch.cat([ep.obs, extra], -1))
-        return ep
-
-
-def _with_task_in_obs(bind, tasks: Tensor):
-    """The oracle's policy: each row's task appended to its observation."""
-
-    def bind_oracle(task_index: Tensor):
-        act, extra = bind(task_index), tasks[task_index]
-        return lambda obs: act(torch.cat([obs, extra], -1))
-
-    return bind_oracle
+        n = tasks.shape[0] * trajectories
+        if self._sim is None or self._sim.n < n:  # one simulator, grown to the largest call
+            if self._sim is not None:
+                self._sim.close()
+            self._sim = self._make(n)
+        return batched_rollout(
+            self._sim, fmodel, params, tasks, trajectories, self.env.horizon, seeds, oracle=self.oracle
+        )
 
 
 def make_tasks(env: RLEnvConfig, oracle: bool = False) -> NavigationTasks | MujocoTasks:
     return NavigationTasks(env, oracle) if env.name == NAVIGATION else MujocoTasks(env, oracle)
+
+
+def rollout_seeds(n: int, generator: torch.Generator) -> Tensor:
+    """``n`` task seeds for one round of rollouts, drawn from the run's generator (CPU int64);
+    room is left below 2**31 for one seed per trajectory above each."""
+    return torch.randint(2**31 - 2**20, (n,), generator=generator, device=generator.device).cpu()
