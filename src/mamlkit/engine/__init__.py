@@ -2,7 +2,7 @@
 
 from .functional import FunctionalModel, Params, select_names
 from .maml import MAML, TaskBatch
-from .strategies import STRATEGIES, map_tasks, vmap_unsafe_modules
+from .strategies import STRATEGIES, map_tasks, vmap_unsafe_modules, vmap_unsafe_ops
 
 __all__ = [
     "MAML",
@@ -13,4 +13,5 @@ __all__ = [
     "map_tasks",
     "STRATEGIES",
     "vmap_unsafe_modules",
+    "vmap_unsafe_ops",
 ]

@@ -11,7 +11,14 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .functional import FunctionalModel, Params, select_names
-from .strategies import candidate_strategies, fastest, map_tasks, vmap_unsafe_modules
+from .strategies import (
+    candidate_strategies,
+    fastest,
+    map_tasks,
+    refuse_vmap_for_ops,
+    vmap_unsafe_modules,
+    vmap_unsafe_ops,
+)
 
 LossFn = Callable[[Any, Any], Tensor]
 StepSize = float | Sequence[float] | None
@@ -44,9 +51,9 @@ class MAML(nn.Module):
             are still meta-learned.
         learn_inner_lr: Meta-SGD: learn a step size per parameter element.
         strategy: ``"loop"``, ``"vmap"`` or ``"auto"``: the faster of the two, measured on the
-            first meta-batch (only the loop where the model holds layers whose second-order
-            gradients vmap gets wrong). ``self.strategy`` tells the choice,
-            ``self.strategy_timings`` the measurements.
+            first meta-batch (only the loop where the model holds layers, or calls operations,
+            whose second-order gradients vmap gets wrong; an explicit ``"vmap"`` is then refused).
+            ``self.strategy`` tells the choice, ``self.strategy_timings`` the measurements.
         compile: run the meta-batch computation under ``torch.compile``.
         cuda_graphs: with ``compile`` on CUDA, replay the compiled meta-batch computation as a
             CUDA graph (``mode="reduce-overhead"``): one launch instead of hundreds of small
@@ -108,9 +115,8 @@ class MAML(nn.Module):
         if autocast not in (None, "none", "bf16"):
             raise ValueError(f"autocast must be None, 'none' or 'bf16', got {autocast!r}")
         self.autocast = None if autocast == "none" else autocast
-        self._candidates = candidate_strategies(
-            "loop" if checkpoint_inner else strategy, model, second_order=not first_order and inner_steps > 0
-        )
+        self._second_order = not first_order and inner_steps > 0
+        self._candidates = candidate_strategies("loop" if checkpoint_inner else strategy, model, self._second_order)
         self.strategy = self._candidates[0]
         self.strategy_timings: dict[str, float] = {}
         if cuda_graphs and not compile:
@@ -214,12 +220,12 @@ class MAML(nn.Module):
         a single compiled forward computation, with no autograd graph to walk. Otherwise it is
         ``meta_loss(batch).backward()``.
         """
+        lr = self.inner_lrs if self.learn_inner_lr else None
+        self._ensure_strategy(lr, batch)  # may turn the functional path off
         if not self._functional_grad:
             loss = self.meta_loss(batch)
             loss.backward()
             return loss.detach()
-        lr = self.inner_lrs if self.learn_inner_lr else None
-        self._ensure_strategy(lr, batch)
         params = self.params()
         detached_lr = None if lr is None else {k: v.detach() for k, v in lr.items()}
         grads, lr_grads, loss = self._call("grad", {n: p.detach() for n, p in params.items()}, detached_lr, *batch)
@@ -253,8 +259,18 @@ class MAML(nn.Module):
         return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, out)
 
     def _ensure_strategy(self, lr, batch: TaskBatch) -> None:
+        """Choose the strategy on the first meta-batch: drop vmap where the model's operations make
+        it inexact, then time what is left."""
         if self._strategy_chosen:
             return
+        if self._second_order and "vmap" in self._candidates:
+            unsafe = self._vmap_unsafe_ops(batch)
+            if unsafe:
+                if self._candidates == ["vmap"]:
+                    refuse_vmap_for_ops(unsafe)  # raises, and again on the next call
+                self._candidates = ["loop"]
+                self.strategy = "loop"
+                self._functional_grad = False  # as for the layers the module guard finds
         self._strategy_chosen = True
         if len(self._candidates) < 2:
             return
@@ -271,6 +287,30 @@ class MAML(nn.Module):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             self.strategy_timings = fastest(run, self._candidates, sync)
         self.strategy = min(self.strategy_timings, key=self.strategy_timings.get)
+
+    def _vmap_unsafe_ops(self, batch: TaskBatch) -> dict[str, str]:
+        """The operations of one support forward and loss whose second-order gradients vmap gets
+        wrong (:func:`~mamlkit.engine.strategies.vmap_unsafe_ops`).
+
+        Runs the model once on the first task's support set, as the inner loop would (the
+        meta-parameters, gradients on, the same autocast), recording the aten operations it
+        dispatches. Recording what runs, rather than the module types it is built of, catches a
+        normalisation however it is called; one support forward costs far less than the
+        meta-gradients the strategy choice already times. The other check, comparing vmap's
+        meta-gradient with the loop's on that batch, was not chosen: in float32 two exact
+        strategies can differ by more than the 0.1-1% this fault makes (docs/traps.md, float32
+        comparisons), so no tolerance separates the two, and it would cost two meta-gradients.
+        """
+        params = self.params()
+        si, st = (torch.utils._pytree.tree_map(lambda t: t[0], x) for x in batch[:2])
+        device = next(iter(params.values())).device
+
+        def support_loss():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast == "bf16"):
+                return self.loss_fn(self.fmodel(params, si), st)
+
+        with torch.enable_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return vmap_unsafe_ops(support_loss)
 
     def _meta_forward_impl(self, params, lr, si, st, qi, qt):
         if self.autocast:

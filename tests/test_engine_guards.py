@@ -1,0 +1,137 @@
+"""The engine's guards against wrong or lost computations (docs/traps.md), each checked in float64
+against an independent computation: finite differences or a per-task loop."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mamlkit import MAML, TaskBatch
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def make_batch(tasks=3, k=8, q=8, d_in=2, d_out=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TaskBatch(
+        torch.randn(tasks, k, d_in, generator=g),
+        torch.randn(tasks, k, d_out, generator=g),
+        torch.randn(tasks, q, d_in, generator=g),
+        torch.randn(tasks, q, d_out, generator=g),
+    )
+
+
+def meta_grad(maml, batch):
+    maml.zero_grad(set_to_none=True)
+    maml.meta_loss(batch).backward()
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in maml.parameters()]
+
+
+def finite_difference_grad(fn, tensors, eps=1e-6):
+    grads = []
+    with torch.no_grad():
+        for t in tensors:
+            g = torch.zeros_like(t)
+            flat, gflat = t.view(-1), g.view(-1)
+            for i in range(flat.numel()):
+                old = flat[i].item()
+                flat[i] = old + eps
+                up = fn().item()
+                flat[i] = old - eps
+                down = fn().item()
+                flat[i] = old
+                gflat[i] = (up - down) / (2 * eps)
+            grads.append(g)
+    return grads
+
+
+def assert_close_all(got, want, **kw):
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **kw)
+
+
+# -- 1. the vmap guard looks at the operations a model calls, not its module types ------------------
+
+
+class FunctionalNormNet(nn.Module):
+    """Normalises with torch.nn.functional inside its own forward (as ConvNeXt-style code does): no
+    normalisation module for a type check to find."""
+
+    def __init__(self, norm: str):
+        super().__init__()
+        self.norm = norm
+        self.fc1 = nn.Linear(2, 6)
+        self.scale = nn.Parameter(1 + 0.1 * torch.randn(6))
+        self.shift = nn.Parameter(0.1 * torch.randn(6))
+        self.fc2 = nn.Linear(6, 1)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.norm == "layer_norm":
+            h = F.layer_norm(h, (6,), self.scale, self.shift)
+        else:
+            h = F.batch_norm(h, None, None, self.scale, self.shift, training=True)
+        return self.fc2(torch.tanh(h))
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "batch_norm"])
+def test_auto_uses_the_loop_for_functional_normalisation(norm):
+    torch.manual_seed(20)
+    model = FunctionalNormNet(norm)
+    batch = make_batch()
+    maml = MAML(model, inner_lr=0.1, inner_steps=2, strategy="auto")
+    got = meta_grad(maml, batch)
+    assert maml.strategy == "loop"
+    assert maml.strategy_timings == {}  # vmap was never a candidate, so nothing was timed
+    want = finite_difference_grad(lambda: maml.meta_loss(batch), list(maml.parameters()))
+    assert_close_all(got, want, rtol=1e-6, atol=1e-8)
+    # First order has no second derivative to get wrong: vmap stays a candidate there.
+    fo = {s: MAML(model, inner_lr=0.1, inner_steps=2, first_order=True, strategy=s) for s in ("vmap", "loop")}
+    assert_close_all(meta_grad(fo["vmap"], batch), meta_grad(fo["loop"], batch))
+
+
+@pytest.mark.parametrize("norm, op", [("layer_norm", "native_layer_norm"), ("batch_norm", "native_batch_norm")])
+def test_explicit_vmap_is_refused_for_functional_normalisation(norm, op):
+    maml = MAML(FunctionalNormNet(norm), inner_lr=0.1, inner_steps=2, strategy="vmap")
+    for _ in range(2):  # refused on every call, not only the first
+        with pytest.raises(ValueError, match=op) as err:
+            maml.meta_loss(make_batch())
+    for fix in ("strategy='loop'", "first_order=True", "mamlkit.models.layers.BatchNorm"):
+        assert fix in str(err.value)
+
+
+def test_the_functional_layer_norm_trap_is_real():
+    """Why the operation guard exists: forcing vmap past it gives a wrong second-order
+    meta-gradient. If a torch upgrade makes this test fail, vmap has become exact through
+    aten::native_layer_norm and the operation list in engine/strategies.py can shrink."""
+    torch.manual_seed(20)
+    batch = make_batch()
+    maml = MAML(FunctionalNormNet("layer_norm"), inner_lr=0.1, inner_steps=2, strategy="loop")
+    want = meta_grad(maml, batch)
+    maml.strategy = "vmap"  # bypasses the guard, which runs on the first meta-batch only
+    maml._strategy_chosen = True
+    got = meta_grad(maml, batch)
+    worst = max(((g - w).norm() / w.norm()).item() for g, w in zip(got, want))
+    assert worst > 1e-4
+
+
+def test_functional_normalisation_turns_the_single_transform_path_off():
+    """compile=True's single torch.func.grad transform is given up where the operations make vmap
+    inexact, as for the layer types the module guard finds."""
+    torch.manual_seed(21)
+    maml = MAML(FunctionalNormNet("layer_norm"), inner_lr=0.1, inner_steps=2, compile=True)
+    assert maml._functional_grad  # no normalisation module to see before the first batch
+    maml._compile = False  # the guard is what is tested, not the compiler
+    batch = make_batch()
+    maml.zero_grad(set_to_none=True)
+    maml.meta_backward(batch)
+    assert not maml._functional_grad and maml.strategy == "loop"
+    got = [p.grad.clone() for p in maml.parameters()]
+    want = finite_difference_grad(lambda: maml.meta_loss(batch), list(maml.parameters()))
+    assert_close_all(got, want, rtol=1e-6, atol=1e-8)
