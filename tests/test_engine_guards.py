@@ -135,3 +135,47 @@ def test_functional_normalisation_turns_the_single_transform_path_off():
     got = [p.grad.clone() for p in maml.parameters()]
     want = finite_difference_grad(lambda: maml.meta_loss(batch), list(maml.parameters()))
     assert_close_all(got, want, rtol=1e-6, atol=1e-8)
+
+
+# -- 2. a strategy is never used untested ----------------------------------------------------------
+
+
+class GRUNet(nn.Module):
+    """A recurrent model: vmap has no batching rule for aten::gru. Dropout before the GRU draws
+    random numbers before vmap fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.2)
+        self.gru = nn.GRU(2, 5, batch_first=True)
+        self.head = nn.Linear(5, 1)
+
+    def forward(self, x):
+        out, _ = self.gru(self.drop(x))
+        return self.head(out)
+
+
+def sequence_batch(tasks=3, k=4, q=3, length=5):
+    g = torch.Generator().manual_seed(1)
+    return TaskBatch(
+        torch.randn(tasks, k, length, 2, generator=g),
+        torch.randn(tasks, k, length, 1, generator=g),
+        torch.randn(tasks, q, length, 2, generator=g),
+        torch.randn(tasks, q, length, 1, generator=g),
+    )
+
+
+def test_adaptation_curve_before_training_never_runs_vmap_untested():
+    torch.manual_seed(22)
+    model = GRUNet()
+    batch = sequence_batch()
+    auto = MAML(model, inner_lr=0.1, strategy="auto")
+    torch.manual_seed(0)
+    got = auto.adaptation_curve(batch, steps=2)["loss"]
+    torch.manual_seed(0)
+    want = MAML(model, inner_lr=0.1, strategy="loop").adaptation_curve(batch, steps=2)["loss"]
+    torch.testing.assert_close(got, want)  # the same numbers, the same random draws
+    assert got.shape == (3, 3)
+    # Training still measures its own choice on its first meta-batch (vmap fails there too).
+    auto.meta_loss(batch)
+    assert auto.strategy == "loop" and auto.strategy_timings["vmap"] == float("inf")

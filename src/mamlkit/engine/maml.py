@@ -125,6 +125,7 @@ class MAML(nn.Module):
         self._cuda_graphs = cuda_graphs
         self._fns: dict[str, Callable] = {}
         self._strategy_chosen = False
+        self._vmap_failed_without_graph = False
         # One torch.func.grad transform over the meta-loss beats autograd's backward once compiled
         # (a single compiled graph, no autograd graph to walk), but not in eager mode, where
         # autograd's backward is the faster: see BENCHMARKS.md, sinusoid speed.
@@ -359,7 +360,38 @@ class MAML(nn.Module):
                     rows[k].append(m(out, qt))
             return {k: torch.stack(v) for k, v in rows.items()}
 
-        return map_tasks(one_task, (0, 0, 0, 0), *batch, strategy=self.strategy)
+        return self._map_tasks_without_graph(one_task, *batch)
+
+    def _map_tasks_without_graph(self, fn: Callable, *args):
+        """``map_tasks`` over every argument's task dimension, for a computation that takes no
+        meta-gradient (``adaptation_curve``).
+
+        Under ``auto``, vmap is not trusted to run a computation it has not run before: before
+        the first meta-batch has chosen (a loaded checkpoint evaluated, say), vmap is untested on
+        this model, and after it, an evaluation batch can be larger than the training ones. So a
+        vmap that raises (an operation with no batching rule, such as ``aten::gru``; out of
+        memory) gives way to the loop, from the random-number state vmap started with, and the
+        loop is kept for such computations. An explicit ``strategy`` runs as asked. Choosing here
+        as the first meta-batch does was not the design: it would time second-order
+        meta-gradients, which this computation does not take, on an evaluation batch, and fix the
+        training's strategy by that batch.
+        """
+        in_dims = (0,) * len(args)
+        if self.strategy != "vmap" or "loop" not in self._candidates:
+            return map_tasks(fn, in_dims, *args, strategy=self.strategy)
+        if self._vmap_failed_without_graph:
+            return map_tasks(fn, in_dims, *args, strategy="loop")
+        device = next(iter(self.params().values())).device
+        devices = [device] if device.type == "cuda" else []
+        rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+        try:
+            return map_tasks(fn, in_dims, *args, strategy="vmap")
+        except Exception:
+            torch.set_rng_state(rng[0])
+            for d, state in zip(devices, rng[1]):
+                torch.cuda.set_rng_state(state, d)
+            self._vmap_failed_without_graph = True
+            return map_tasks(fn, in_dims, *args, strategy="loop")
 
 
 def _accumulate(tensors: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
