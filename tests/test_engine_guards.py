@@ -179,3 +179,88 @@ def test_adaptation_curve_before_training_never_runs_vmap_untested():
     # Training still measures its own choice on its first meta-batch (vmap fails there too).
     auto.meta_loss(batch)
     assert auto.strategy == "loop" and auto.strategy_timings["vmap"] == float("inf")
+
+
+# -- 3. Meta-SGD: one learned step size per parameter, under names that never collide --------------
+
+
+class CollidingNames(nn.Module):
+    """``a__weight`` and ``a.weight``: the old step-size key of both was ``a__weight``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a__weight = nn.Parameter(1 + 0.1 * torch.randn(3))
+        self.a = nn.Linear(2, 3)
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x) * self.a__weight))
+
+
+def randomise_step_sizes(maml, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lr in maml.inner_lrs.values():
+            lr.copy_(0.05 + 0.1 * torch.rand(lr.shape, generator=g))
+
+
+def test_meta_sgd_gives_every_parameter_its_own_step_size():
+    torch.manual_seed(23)
+    maml = MAML(CollidingNames(), inner_lr=0.1, inner_steps=2, learn_inner_lr=True, strategy="loop")
+    params = maml.params()
+    assert len(maml.inner_lrs) == len(params) == 5
+    assert sorted(lr.shape for lr in maml.inner_lrs.values()) == sorted(p.shape for p in params.values())
+    randomise_step_sizes(maml, 0)
+    batch = make_batch()
+    got = meta_grad(maml, batch)
+    want = finite_difference_grad(lambda: maml.meta_loss(batch), list(maml.parameters()))
+    assert_close_all(got, want, rtol=1e-6, atol=1e-8)
+
+
+def test_step_size_keys_are_one_to_one():
+    from itertools import product
+
+    from mamlkit.engine.maml import _key
+
+    names = ["".join(c) for n in range(1, 6) for c in product("a_.", repeat=n)]
+    names = [n for n in names if not n.startswith(".") and not n.endswith(".") and ".." not in n]
+    keys = [_key(n) for n in names]
+    assert len(set(keys)) == len(names) and not any("." in k for k in keys)
+    assert _key("blocks.0.conv_1.weight") == "blocks__0__conv_1__weight"  # ordinary names keep their key
+
+
+class UnusualName(nn.Module):
+    """One parameter whose name holds ``__``: it collides with nothing, so its old key worked."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 3)
+        self.gain__0 = nn.Parameter(torch.ones(3))
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x)) * self.gain__0)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)), UnusualName], ids=["mlp", "unusual"]
+)
+def test_meta_sgd_checkpoints_in_the_old_format_still_load(make):
+    from mamlkit.engine.maml import _key
+
+    torch.manual_seed(24)
+    saved = MAML(make(), inner_lr=0.1, learn_inner_lr=True)
+    randomise_step_sizes(saved, 1)
+    # The state dict as mamlkit wrote it before: step sizes under the parameter name with '.' -> '__'.
+    old = {k: v for k, v in saved.state_dict().items() if not k.startswith("inner_lrs.")}
+    for n in saved.params():
+        old["inner_lrs." + n.replace(".", "__")] = saved.inner_lrs[_key(n)].detach().clone()
+    torch.manual_seed(25)
+    loaded = MAML(make(), inner_lr=0.1, learn_inner_lr=True)
+    loaded.load_state_dict(old)
+    batch = make_batch()
+    x, y = batch.support_inputs[0], batch.support_targets[0]
+    want, got = saved.adapt(x, y, steps=2), loaded.adapt(x, y, steps=2)
+    assert want.keys() == got.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=0)
