@@ -264,3 +264,86 @@ def test_meta_sgd_checkpoints_in_the_old_format_still_load(make):
     assert want.keys() == got.keys()
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=0, atol=0)
+
+
+# -- 4. checkpoint_inner recomputes each inner step once --------------------------------------------
+
+
+class CountedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(2, 8)
+        self.fc2 = nn.Linear(8, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.mark.parametrize("learn_inner_lr", [False, True], ids=["maml", "meta-sgd"])
+def test_checkpointed_inner_step_runs_its_forward_twice(learn_inner_lr):
+    """Per task, the forward pass runs each of the 2 support forwards and the query forward once
+    (3), and the backward pass recomputes each support forward once (2): 5 per task, 15 for 3
+    tasks. The stored-graph MAML runs 3 per task, 9 in all."""
+    torch.manual_seed(26)
+    tasks, steps = 3, 2
+    batch = make_batch(tasks=tasks)
+    model = CountedMLP()
+    stored = MAML(model, inner_lr=0.1, inner_steps=steps, strategy="loop", learn_inner_lr=learn_inner_lr)
+    maml = MAML(model, inner_lr=0.1, inner_steps=steps, checkpoint_inner=True, learn_inner_lr=learn_inner_lr)
+    if learn_inner_lr:
+        randomise_step_sizes(stored, 2)
+        maml.inner_lrs.load_state_dict(stored.inner_lrs.state_dict())
+    stored.zero_grad(set_to_none=True)
+    stored.meta_backward(batch)
+    want = [p.grad.clone() for p in stored.parameters()]
+    model.calls = 0
+    stored.meta_loss(batch)
+    assert model.calls == tasks * (steps + 1)
+    model.calls = 0
+    maml.meta_loss(batch)
+    assert model.calls == tasks * (steps + 1)  # the forward pass recomputes nothing
+    model.calls = 0
+    maml.zero_grad(set_to_none=True)
+    maml.meta_backward(batch)
+    assert model.calls == tasks * (steps + 1) + tasks * steps
+    assert_close_all([p.grad for p in maml.parameters()], want, rtol=1e-12, atol=1e-14)
+
+
+def test_checkpointed_inner_step_recomputes_the_same_dropout():
+    """The recomputation replays the random numbers of the forward pass, and leaves the stream
+    where the stored-graph MAML leaves it."""
+    torch.manual_seed(27)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 1))
+    batch = make_batch()
+    grads, states = [], []
+    for checkpoint in (False, True):
+        maml = MAML(model, inner_lr=0.1, inner_steps=2, strategy="loop", checkpoint_inner=checkpoint)
+        torch.manual_seed(0)
+        grads.append(meta_grad(maml, batch))
+        states.append(torch.get_rng_state())
+    assert_close_all(grads[1], grads[0], rtol=1e-12, atol=1e-14)
+    assert torch.equal(states[0], states[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(learn_inner_lr=True), dict(adapt=["2.*"])], ids=["maml", "meta-sgd", "head-only"]
+)
+def test_checkpointed_inner_step_can_be_differentiated_twice(kwargs):
+    """A Hessian-vector product of the meta-loss through recomputed steps equals the stored graph's
+    (the step size, and parameters the inner loop leaves alone, feed every step)."""
+    torch.manual_seed(28)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+    batch = make_batch()
+    hvps = []
+    for checkpoint in (False, True):
+        maml = MAML(model, inner_lr=0.1, inner_steps=2, strategy="loop", checkpoint_inner=checkpoint, **kwargs)
+        if "learn_inner_lr" in kwargs:
+            randomise_step_sizes(maml, 3)
+        params = list(maml.parameters())
+        grads = torch.autograd.grad(maml.meta_loss(batch), params, create_graph=True)
+        g = torch.Generator().manual_seed(4)
+        v = [torch.randn(p.shape, generator=g) for p in params]
+        hvps.append(torch.autograd.grad(sum((a * b).sum() for a, b in zip(grads, v)), params))
+    assert_close_all(hvps[1], hvps[0], rtol=1e-12, atol=1e-14)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .functional import FunctionalModel, Params, select_names
@@ -60,9 +60,10 @@ class MAML(nn.Module):
             kernels per meta-iteration. Shapes must stay fixed; outputs are copied out of the
             graph's buffers so that they survive the next replay.
         checkpoint_inner: trade time for memory in second-order MAML: each inner step keeps only
-            its parameters, and its activations are recomputed in the meta-backward pass, so memory
-            grows with the parameter count per step instead of the activations. Runs the tasks in a
-            loop, eagerly (torch.func transforms cannot recompute).
+            its inputs, and its second-order graph is rebuilt in the meta-backward pass, so memory
+            grows with the parameter count per step instead of the activations. Each inner step's
+            support forward runs twice (once forward, once recomputed). Runs the tasks in a loop,
+            eagerly (torch.func transforms cannot recompute).
         autocast: ``"bf16"`` runs the meta-batch computation under ``torch.autocast`` in bfloat16
             (matrix products and convolutions in bf16, parameters and their gradients in float32).
     """
@@ -181,9 +182,7 @@ class MAML(nn.Module):
 
     def _inner_step(self, params: Params, inputs, targets, lr, create_graph: bool) -> Params:
         if self.checkpoint_inner and create_graph and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(
-                self._autograd_inner_step, params, inputs, targets, lr, use_reentrant=False
-            )
+            return self._recomputed_inner_step(params, inputs, targets, lr)
         adapted = {n: params[n] for n in self.adapted_names}
 
         def support_loss(sub: Params) -> Tensor:
@@ -195,13 +194,37 @@ class MAML(nn.Module):
         step = _step_size(lr)
         return {**params, **{n: p - step(n) * grads[n] for n, p in adapted.items()}}
 
-    def _autograd_inner_step(self, params: Params, inputs, targets, lr) -> Params:
-        """A second-order inner step with autograd instead of torch.func (which checkpoint cannot replay)."""
+    def _recomputed_inner_step(self, params: Params, inputs, targets, lr) -> Params:
+        """A second-order inner step that keeps only its inputs and rebuilds its graph in the
+        backward pass (``checkpoint_inner``), with autograd instead of torch.func.
+
+        The support forward runs twice in all: once here, for a first-order gradient whose graph
+        is freed at once, and once in the backward pass, with the second-order graph that the
+        meta-gradient goes through (:class:`_RecomputedInnerStep`). ``torch.utils.checkpoint``
+        ran it three times: the step's own gradient, taken inside the checkpointed function,
+        unpacked the activations that checkpoint had just dropped and recomputed them during the
+        forward pass, and the backward pass recomputed them again.
+        """
         names = [n for n in self.adapted_names if params[n].requires_grad]
-        loss = self.loss_fn(self.fmodel(params, inputs), targets)
-        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
-        step = _step_size(lr)
-        return {**params, **{n: params[n] - step(n) * g for n, g in zip(names, grads) if g is not None}}
+        param_names = list(params)
+        lr_names = names if isinstance(lr, nn.ParameterDict | dict) else []
+        data, spec = torch.utils._pytree.tree_flatten((inputs, targets))
+        data_at = [i for i, x in enumerate(data) if isinstance(x, Tensor)]
+        n_params, n_lrs = len(param_names), len(lr_names)
+
+        def step(tensors: list[Tensor], create_graph: bool) -> tuple[Tensor, ...]:
+            p = dict(zip(param_names, tensors[:n_params]))
+            lrs = dict(zip(lr_names, tensors[n_params : n_params + n_lrs]))
+            leaves = list(data)
+            for i, t in zip(data_at, tensors[n_params + n_lrs :]):
+                leaves[i] = t
+            x, y = torch.utils._pytree.tree_unflatten(leaves, spec)
+            loss = self.loss_fn(self.fmodel(p, x), y)
+            grads = torch.autograd.grad(loss, [p[n] for n in names], create_graph=create_graph, allow_unused=True)
+            return tuple(p[n] if g is None else p[n] - (lrs[n] if lr_names else lr) * g for n, g in zip(names, grads))
+
+        tensors = [params[n] for n in param_names] + [lr[_key(n)] for n in lr_names] + [data[i] for i in data_at]
+        return {**params, **dict(zip(names, _RecomputedInnerStep.apply(step, *tensors)))}
 
     def _lrs(self, lr: StepSize, steps: int) -> list:
         if lr is None:
@@ -406,6 +429,55 @@ class MAML(nn.Module):
                 torch.cuda.set_rng_state(state, d)
             self._vmap_failed_without_graph = True
             return map_tasks(fn, in_dims, *args, strategy="loop")
+
+
+class _RecomputedInnerStep(torch.autograd.Function):
+    """``step(tensors, create_graph)`` -> new parameters, differentiated by recomputing it.
+
+    The forward pass runs ``step`` once without a second-order graph and saves only its input
+    tensors. The backward pass runs it again with ``create_graph=True``, under the random-number
+    and autocast state of the forward pass (so dropout and bf16 recompute what ran), and takes the
+    vector-Jacobian product through it. Asked for a graph (``create_graph=True``, a Hessian-vector
+    product of the meta-loss), it recomputes on views of the saved inputs rather than detached
+    copies, so that the gradient it returns is connected to their history and differentiable;
+    each input gets its own view, so that the product is taken w.r.t. each input alone (the step
+    size is also an ancestor of the previous step's output).
+    """
+
+    @staticmethod
+    def forward(ctx, step, *tensors):
+        ctx.step = step
+        ctx.devices = sorted({t.device for t in tensors if t.device.type == "cuda"}, key=str)
+        ctx.rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.devices]
+        ctx.autocast = {
+            dev: (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+            for dev in ["cpu"] + (["cuda"] if ctx.devices else [])
+        }
+        ctx.save_for_backward(*tensors)
+        with torch.enable_grad():
+            out = step([t.detach().requires_grad_(t.requires_grad) for t in tensors], create_graph=False)
+        return tuple(o.detach() for o in out)
+
+    @staticmethod
+    def backward(ctx, *grad_out):
+        tensors = ctx.saved_tensors
+        higher = torch.is_grad_enabled()  # on in a backward pass only under create_graph=True
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=ctx.devices))
+            torch.set_rng_state(ctx.rng[0])
+            for d, state in zip(ctx.devices, ctx.rng[1]):
+                torch.cuda.set_rng_state(state, d)
+            for dev, (enabled, dtype) in ctx.autocast.items():
+                stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
+            stack.enter_context(torch.enable_grad())
+            if higher:  # a fresh node per input: no gradient reaches one input through another's history
+                leaves = [t.view_as(t) if t.requires_grad else t for t in tensors]
+            else:
+                leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+            out = ctx.step(leaves, create_graph=True)
+            wrt = [t for t in leaves if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True, create_graph=higher))
+        return (None, *(next(grads) if t.requires_grad else None for t in leaves))
 
 
 def _accumulate(tensors: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
