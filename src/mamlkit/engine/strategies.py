@@ -72,10 +72,13 @@ def vmap_unsafe_ops(fn: Callable, *args) -> dict[str, str]:
 
     ``fn`` runs once, eagerly, with every operation recorded at the dispatcher (a
     ``TorchDispatchMode``), below autograd and the Python API. Whatever calls a fused
-    normalisation kernel is caught: a module type the module guard knows, ``F.layer_norm`` in a
-    model's own forward, a library layer that wraps it, a C++ fast path. The record is of what
-    runs, so it is exact for the device, dtype and autocast it runs under; it costs one forward
-    pass with a little Python per operation.
+    normalisation kernel through the dispatcher is caught: a module type the module guard knows,
+    ``F.layer_norm`` in a model's own forward, a library layer that wraps it. The record is of
+    what runs, so it holds for the device, dtype and autocast it runs under; it costs one
+    forward pass with a little Python per operation. Not seen: a kernel that another operation's
+    kernel calls inside itself (a fused fast path such as ``aten::_transformer_encoder_layer_fwd``,
+    which PyTorch takes only where no gradient is needed), and operations of inputs other than
+    the one ``fn`` runs on.
     """
     with _OpRecorder() as recorder:
         fn(*args)
