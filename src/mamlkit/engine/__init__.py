@@ -3,7 +3,7 @@
 from .errors import NonFinite
 from .functional import FunctionalModel, Params, select_names
 from .maml import MAML, TaskBatch
-from .strategies import STRATEGIES, map_tasks, vmap_unsafe_modules
+from .strategies import STRATEGIES, map_tasks, vmap_unsafe_modules, vmap_unsafe_ops
 
 __all__ = [
     "MAML",
@@ -14,5 +14,6 @@ __all__ = [
     "map_tasks",
     "STRATEGIES",
     "vmap_unsafe_modules",
+    "vmap_unsafe_ops",
     "NonFinite",
 ]

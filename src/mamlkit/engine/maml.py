@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .functional import FunctionalModel, Params, select_names
-from .strategies import candidate_strategies, fastest, map_tasks, vmap_unsafe_modules
+from .strategies import (
+    candidate_strategies,
+    fastest,
+    map_tasks,
+    refuse_vmap_for_ops,
+    vmap_unsafe_modules,
+    vmap_unsafe_ops,
+)
 
 LossFn = Callable[[Any, Any], Tensor]
 StepSize = float | Sequence[float] | None
@@ -44,18 +51,19 @@ class MAML(nn.Module):
             are still meta-learned.
         learn_inner_lr: Meta-SGD: learn a step size per parameter element.
         strategy: ``"loop"``, ``"vmap"`` or ``"auto"``: the faster of the two, measured on the
-            first meta-batch (only the loop where the model holds layers whose second-order
-            gradients vmap gets wrong). ``self.strategy`` tells the choice,
-            ``self.strategy_timings`` the measurements.
+            first meta-batch (only the loop where the model holds layers, or calls operations,
+            whose second-order gradients vmap gets wrong; an explicit ``"vmap"`` is then refused).
+            ``self.strategy`` tells the choice, ``self.strategy_timings`` the measurements.
         compile: run the meta-batch computation under ``torch.compile``.
         cuda_graphs: with ``compile`` on CUDA, replay the compiled meta-batch computation as a
             CUDA graph (``mode="reduce-overhead"``): one launch instead of hundreds of small
             kernels per meta-iteration. Shapes must stay fixed; outputs are copied out of the
             graph's buffers so that they survive the next replay.
         checkpoint_inner: trade time for memory in second-order MAML: each inner step keeps only
-            its parameters, and its activations are recomputed in the meta-backward pass, so memory
-            grows with the parameter count per step instead of the activations. Runs the tasks in a
-            loop, eagerly (torch.func transforms cannot recompute).
+            its inputs, and its second-order graph is rebuilt in the meta-backward pass, so memory
+            grows with the parameter count per step instead of the activations. Each inner step's
+            support forward runs twice (once forward, once recomputed). Runs the tasks in a loop,
+            eagerly (torch.func transforms cannot recompute).
         autocast: ``"bf16"`` runs the meta-batch computation under ``torch.autocast`` in bfloat16
             (matrix products and convolutions in bf16, parameters and their gradients in float32).
     """
@@ -108,9 +116,8 @@ class MAML(nn.Module):
         if autocast not in (None, "none", "bf16"):
             raise ValueError(f"autocast must be None, 'none' or 'bf16', got {autocast!r}")
         self.autocast = None if autocast == "none" else autocast
-        self._candidates = candidate_strategies(
-            "loop" if checkpoint_inner else strategy, model, second_order=not first_order and inner_steps > 0
-        )
+        self._second_order = not first_order and inner_steps > 0
+        self._candidates = candidate_strategies("loop" if checkpoint_inner else strategy, model, self._second_order)
         self.strategy = self._candidates[0]
         self.strategy_timings: dict[str, float] = {}
         if cuda_graphs and not compile:
@@ -119,10 +126,25 @@ class MAML(nn.Module):
         self._cuda_graphs = cuda_graphs
         self._fns: dict[str, Callable] = {}
         self._strategy_chosen = False
+        self._vmap_failed_without_graph = False
         # One torch.func.grad transform over the meta-loss beats autograd's backward once compiled
         # (a single compiled graph, no autograd graph to walk), but not in eager mode, where
         # autograd's backward is the faster: see BENCHMARKS.md, sinusoid speed.
         self._functional_grad = compile and not vmap_unsafe_modules(model)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Meta-SGD step sizes saved under their old keys (:func:`_old_key`) load under the new
+        ones; an old key that two parameters shared is left alone, so the strict load reports it."""
+        if self.learn_inner_lr:
+            owners: dict[str, list[str]] = {}
+            for n in self.adapted_names:
+                owners.setdefault(_old_key(n), []).append(n)
+            for old, names in owners.items():
+                new = f"{prefix}inner_lrs.{_key(names[0])}"
+                old = f"{prefix}inner_lrs.{old}"
+                if len(names) == 1 and old != new and old in state_dict and new not in state_dict:
+                    state_dict[new] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- functional pieces -------------------------------------------------------------
 
@@ -160,9 +182,7 @@ class MAML(nn.Module):
 
     def _inner_step(self, params: Params, inputs, targets, lr, create_graph: bool) -> Params:
         if self.checkpoint_inner and create_graph and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(
-                self._autograd_inner_step, params, inputs, targets, lr, use_reentrant=False
-            )
+            return self._recomputed_inner_step(params, inputs, targets, lr)
         adapted = {n: params[n] for n in self.adapted_names}
 
         def support_loss(sub: Params) -> Tensor:
@@ -174,13 +194,37 @@ class MAML(nn.Module):
         step = _step_size(lr)
         return {**params, **{n: p - step(n) * grads[n] for n, p in adapted.items()}}
 
-    def _autograd_inner_step(self, params: Params, inputs, targets, lr) -> Params:
-        """A second-order inner step with autograd instead of torch.func (which checkpoint cannot replay)."""
+    def _recomputed_inner_step(self, params: Params, inputs, targets, lr) -> Params:
+        """A second-order inner step that keeps only its inputs and rebuilds its graph in the
+        backward pass (``checkpoint_inner``), with autograd instead of torch.func.
+
+        The support forward runs twice in all: once here, for a first-order gradient whose graph
+        is freed at once, and once in the backward pass, with the second-order graph that the
+        meta-gradient goes through (:class:`_RecomputedInnerStep`). ``torch.utils.checkpoint``
+        ran it three times: the step's own gradient, taken inside the checkpointed function,
+        unpacked the activations that checkpoint had just dropped and recomputed them during the
+        forward pass, and the backward pass recomputed them again.
+        """
         names = [n for n in self.adapted_names if params[n].requires_grad]
-        loss = self.loss_fn(self.fmodel(params, inputs), targets)
-        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
-        step = _step_size(lr)
-        return {**params, **{n: params[n] - step(n) * g for n, g in zip(names, grads) if g is not None}}
+        param_names = list(params)
+        lr_names = names if isinstance(lr, nn.ParameterDict | dict) else []
+        data, spec = torch.utils._pytree.tree_flatten((inputs, targets))
+        data_at = [i for i, x in enumerate(data) if isinstance(x, Tensor)]
+        n_params, n_lrs = len(param_names), len(lr_names)
+
+        def step(tensors: list[Tensor], create_graph: bool) -> tuple[Tensor, ...]:
+            p = dict(zip(param_names, tensors[:n_params]))
+            lrs = dict(zip(lr_names, tensors[n_params : n_params + n_lrs]))
+            leaves = list(data)
+            for i, t in zip(data_at, tensors[n_params + n_lrs :]):
+                leaves[i] = t
+            x, y = torch.utils._pytree.tree_unflatten(leaves, spec)
+            loss = self.loss_fn(self.fmodel(p, x), y)
+            grads = torch.autograd.grad(loss, [p[n] for n in names], create_graph=create_graph, allow_unused=True)
+            return tuple(p[n] if g is None else p[n] - (lrs[n] if lr_names else lr) * g for n, g in zip(names, grads))
+
+        tensors = [params[n] for n in param_names] + [lr[_key(n)] for n in lr_names] + [data[i] for i in data_at]
+        return {**params, **dict(zip(names, _RecomputedInnerStep.apply(step, *tensors)))}
 
     def _lrs(self, lr: StepSize, steps: int) -> list:
         if lr is None:
@@ -214,12 +258,12 @@ class MAML(nn.Module):
         a single compiled forward computation, with no autograd graph to walk. Otherwise it is
         ``meta_loss(batch).backward()``.
         """
+        lr = self.inner_lrs if self.learn_inner_lr else None
+        self._ensure_strategy(lr, batch)  # may turn the functional path off
         if not self._functional_grad:
             loss = self.meta_loss(batch)
             loss.backward()
             return loss.detach()
-        lr = self.inner_lrs if self.learn_inner_lr else None
-        self._ensure_strategy(lr, batch)
         params = self.params()
         detached_lr = None if lr is None else {k: v.detach() for k, v in lr.items()}
         grads, lr_grads, loss = self._call("grad", {n: p.detach() for n, p in params.items()}, detached_lr, *batch)
@@ -253,8 +297,18 @@ class MAML(nn.Module):
         return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, out)
 
     def _ensure_strategy(self, lr, batch: TaskBatch) -> None:
+        """Choose the strategy on the first meta-batch: drop vmap where the model's operations make
+        it inexact, then time what is left."""
         if self._strategy_chosen:
             return
+        if self._second_order and "vmap" in self._candidates:
+            unsafe = self._vmap_unsafe_ops(batch)
+            if unsafe:
+                if self._candidates == ["vmap"]:
+                    refuse_vmap_for_ops(unsafe)  # raises, and again on the next call
+                self._candidates = ["loop"]
+                self.strategy = "loop"
+                self._functional_grad = False  # as for the layers the module guard finds
         self._strategy_chosen = True
         if len(self._candidates) < 2:
             return
@@ -271,6 +325,30 @@ class MAML(nn.Module):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             self.strategy_timings = fastest(run, self._candidates, sync)
         self.strategy = min(self.strategy_timings, key=self.strategy_timings.get)
+
+    def _vmap_unsafe_ops(self, batch: TaskBatch) -> dict[str, str]:
+        """The operations of one support forward and loss whose second-order gradients vmap gets
+        wrong (:func:`~mamlkit.engine.strategies.vmap_unsafe_ops`).
+
+        Runs the model once on the first task's support set, as the inner loop would (the
+        meta-parameters, gradients on, the same autocast), recording the aten operations it
+        dispatches. Recording what runs, rather than the module types it is built of, catches a
+        normalisation however it is called; one support forward costs far less than the
+        meta-gradients the strategy choice already times. The other check, comparing vmap's
+        meta-gradient with the loop's on that batch, was not chosen: in float32 two exact
+        strategies can differ by more than the 0.1-1% this fault makes (docs/traps.md, float32
+        comparisons), so no tolerance separates the two, and it would cost two meta-gradients.
+        """
+        params = self.params()
+        si, st = (torch.utils._pytree.tree_map(lambda t: t[0], x) for x in batch[:2])
+        device = next(iter(params.values())).device
+
+        def support_loss():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast == "bf16"):
+                return self.loss_fn(self.fmodel(params, si), st)
+
+        with torch.enable_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return vmap_unsafe_ops(support_loss)
 
     def _meta_forward_impl(self, params, lr, si, st, qi, qt):
         if self.autocast:
@@ -319,7 +397,87 @@ class MAML(nn.Module):
                     rows[k].append(m(out, qt))
             return {k: torch.stack(v) for k, v in rows.items()}
 
-        return map_tasks(one_task, (0, 0, 0, 0), *batch, strategy=self.strategy)
+        return self._map_tasks_without_graph(one_task, *batch)
+
+    def _map_tasks_without_graph(self, fn: Callable, *args):
+        """``map_tasks`` over every argument's task dimension, for a computation that takes no
+        meta-gradient (``adaptation_curve``).
+
+        Under ``auto``, vmap is not trusted to run a computation it has not run before: before
+        the first meta-batch has chosen (a loaded checkpoint evaluated, say), vmap is untested on
+        this model, and after it, an evaluation batch can be larger than the training ones. So a
+        vmap that raises (an operation with no batching rule, such as ``aten::gru``; out of
+        memory) gives way to the loop, from the random-number state vmap started with, and the
+        loop is kept for such computations. An explicit ``strategy`` runs as asked. Choosing here
+        as the first meta-batch does was not the design: it would time second-order
+        meta-gradients, which this computation does not take, on an evaluation batch, and fix the
+        training's strategy by that batch.
+        """
+        in_dims = (0,) * len(args)
+        if self.strategy != "vmap" or "loop" not in self._candidates:
+            return map_tasks(fn, in_dims, *args, strategy=self.strategy)
+        if self._vmap_failed_without_graph:
+            return map_tasks(fn, in_dims, *args, strategy="loop")
+        device = next(iter(self.params().values())).device
+        devices = [device] if device.type == "cuda" else []
+        rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+        try:
+            return map_tasks(fn, in_dims, *args, strategy="vmap")
+        except Exception:
+            torch.set_rng_state(rng[0])
+            for d, state in zip(devices, rng[1]):
+                torch.cuda.set_rng_state(state, d)
+            self._vmap_failed_without_graph = True
+            return map_tasks(fn, in_dims, *args, strategy="loop")
+
+
+class _RecomputedInnerStep(torch.autograd.Function):
+    """``step(tensors, create_graph)`` -> new parameters, differentiated by recomputing it.
+
+    The forward pass runs ``step`` once without a second-order graph and saves only its input
+    tensors. The backward pass runs it again with ``create_graph=True``, under the random-number
+    and autocast state of the forward pass (so dropout and bf16 recompute what ran), and takes the
+    vector-Jacobian product through it. Asked for a graph (``create_graph=True``, a Hessian-vector
+    product of the meta-loss), it recomputes on views of the saved inputs rather than detached
+    copies, so that the gradient it returns is connected to their history and differentiable;
+    each input gets its own view, so that the product is taken w.r.t. each input alone (the step
+    size is also an ancestor of the previous step's output).
+    """
+
+    @staticmethod
+    def forward(ctx, step, *tensors):
+        ctx.step = step
+        ctx.devices = sorted({t.device for t in tensors if t.device.type == "cuda"}, key=str)
+        ctx.rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.devices]
+        ctx.autocast = {
+            dev: (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+            for dev in ["cpu"] + (["cuda"] if ctx.devices else [])
+        }
+        ctx.save_for_backward(*tensors)
+        with torch.enable_grad():
+            out = step([t.detach().requires_grad_(t.requires_grad) for t in tensors], create_graph=False)
+        return tuple(o.detach() for o in out)
+
+    @staticmethod
+    def backward(ctx, *grad_out):
+        tensors = ctx.saved_tensors
+        higher = torch.is_grad_enabled()  # on in a backward pass only under create_graph=True
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=ctx.devices))
+            torch.set_rng_state(ctx.rng[0])
+            for d, state in zip(ctx.devices, ctx.rng[1]):
+                torch.cuda.set_rng_state(state, d)
+            for dev, (enabled, dtype) in ctx.autocast.items():
+                stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
+            stack.enter_context(torch.enable_grad())
+            if higher:  # a fresh node per input: no gradient reaches one input through another's history
+                leaves = [t.view_as(t) if t.requires_grad else t for t in tensors]
+            else:
+                leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+            out = ctx.step(leaves, create_graph=True)
+            wrt = [t for t in leaves if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True, create_graph=higher))
+        return (None, *(next(grads) if t.requires_grad else None for t in leaves))
 
 
 def _accumulate(tensors: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
@@ -332,6 +490,22 @@ def _accumulate(tensors: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
 
 
 def _key(name: str) -> str:
+    """The ``inner_lrs`` key of parameter ``name`` (a ParameterDict key cannot hold ``.``), one to one.
+
+    An ordinary name, with no ``__``, ``_.``, ``._`` or ``..``, keeps the key mamlkit always gave
+    it, ``.`` -> ``__``, so checkpoints load as they are: each run of ``_`` and ``.`` in it is one
+    character, so each run of ``_`` in its key is one (``_``) or two (``.``) long and reads back.
+    Any other name (``a__weight`` beside ``a.weight``, whose keys were the same) is written
+    ``___`` + its characters with ``_`` -> ``_u`` and ``.`` -> ``_d``: three underscores in a row,
+    which no ordinary key holds, then an escape that reads back.
+    """
+    if "__" in name or "_." in name or "._" in name or ".." in name:
+        return "___" + name.replace("_", "_u").replace(".", "_d")
+    return name.replace(".", "__")
+
+
+def _old_key(name: str) -> str:
+    """The key before :func:`_key`: not one to one (``a.weight`` and ``a__weight`` shared one)."""
     return name.replace(".", "__")
 
 
