@@ -313,3 +313,27 @@ def test_eval_chooses_step_sizes_on_validation_tasks(tmp_path, capsys):
     assert "chosen on the test tasks" in capsys.readouterr().err
     assert cli.main(["eval", str(out), "--set", "train.iterations=3"]) == 2
     assert "only eval.* settings change" in capsys.readouterr().err
+
+
+def test_trpo_never_runs_vmap_through_fused_normalisation():
+    """A policy whose forward calls F.layer_norm: TRPO's auto strategy keeps the loop (vmap's
+    second order is wrong there), an explicit vmap is refused."""
+
+    class NormedPolicy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = GaussianMLPPolicy(2, 2, (8,)).double()
+            self.scale = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+
+        def forward(self, obs):
+            return self.inner(torch.nn.functional.layer_norm(obs, (2,), self.scale))
+
+    _, _, data = tiny_problem()
+    maml = MAML(NormedPolicy(), reinforce_loss, inner_lr=0.1, strategy="loop")
+    auto = MetaTRPO(maml)
+    auto.strategy = "vmap"  # as auto picks on a GPU
+    auto._ops_checked = False
+    auto.policy_outputs(data, maml.params(), create_graph=True)
+    assert auto.strategy == "loop"
+    with pytest.raises(ValueError, match="layer_norm"):
+        MetaTRPO(maml, strategy="vmap").policy_outputs(data, maml.params(), create_graph=True)

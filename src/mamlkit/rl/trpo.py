@@ -20,7 +20,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from .. import distributed
 from ..engine import MAML, NonFinite
 from ..engine.functional import Params
-from ..engine.strategies import candidate_strategies, map_tasks
+from ..engine.strategies import candidate_strategies, map_tasks, refuse_vmap_for_ops, vmap_unsafe_ops
 from .policy import kl, log_prob
 
 
@@ -115,7 +115,9 @@ class MetaTRPO:
         self.maml = maml
         self.max_kl, self.cg_iters, self.cg_damping = max_kl, cg_iters, cg_damping
         self.backtrack_ratio, self.max_backtracks = backtrack_ratio, max_backtracks
-        self.strategy = task_strategy(maml.model, strategy, second_order=maml.inner_steps > 0 and not maml.first_order)
+        self._second_order = maml.inner_steps > 0 and not maml.first_order
+        self.strategy = task_strategy(maml.model, strategy, second_order=self._second_order)
+        self._requested, self._ops_checked = strategy, not (self._second_order and self.strategy == "vmap")
 
     def policy_outputs(self, data: TaskData, params: Params, create_graph: bool) -> tuple[Tensor, Tensor]:
         """The post-update policy ``(mean, log_std)`` of every task on its post-update observations
@@ -123,6 +125,13 @@ class MetaTRPO:
         each task's inner step."""
         if not self.maml.inner_steps:
             return self.maml(data.obs, params)
+        if not self._ops_checked:  # vmap's second order is wrong through fused normalisation ops
+            self._ops_checked = True
+            unsafe = vmap_unsafe_ops(lambda: self.maml(data.pre_obs[0], params))
+            if unsafe and self._requested == "vmap":
+                refuse_vmap_for_ops(unsafe)
+            if unsafe:
+                self.strategy = "loop"
 
         def one_task(pre_obs, pre_targets, obs):
             adapted = self.maml.adapt(pre_obs, pre_targets, params=params, create_graph=create_graph)
