@@ -363,3 +363,22 @@ def test_real_ravi_larochelle_split_files_parse():
         sizes[split] = classes
     assert [len(sizes[s]) for s in ("train", "val", "test")] == [64, 16, 20]
     assert not set(sizes["train"]) & set(sizes["val"]) and not set(sizes["val"]) & set(sizes["test"])
+
+
+def test_omniglot_corrupt_member_is_a_dataset_error(tmp_path):
+    """A member whose compressed bytes are damaged (zlib fails on it) is named, not a zlib traceback."""
+    root = make_fake_omniglot(tmp_path / "o")
+    path = root / "images_background.zip"
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for n, data in members.items():
+            zf.writestr(n, data + bytes(2000))  # compressible padding: every member is deflated
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(".png"))
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw[start : start + 8] = b"\xff" * 8  # the member's deflate stream
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DatasetFormatError, match=info.filename.split("/")[-1]):
+        load_omniglot(root, cache=False, split_sizes=(3, 1))

@@ -228,3 +228,65 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("mamlkit ")
+
+
+def test_a_full_disk_at_eval_still_shows_the_results(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert train(tmp_path, "--set", "train.iterations=5", "--set", "eval.num_tasks=5", "--set", "eval.shots=[5]") == 0
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.startswith("eval."):
+            raise OSError(28, "No space left on device", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert cli.main(["eval", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "| MAML | 5 |" in captured.out  # the table, before the failure
+    assert "could not write the evaluation" in captured.err and "No space left on device" in captured.err
+
+
+def test_ctrl_c_during_eval_is_a_line_not_a_traceback(tmp_path):
+    args = ["train", "sinusoid", *FAST, "--out", "run", "--set", "train.iterations=5"]
+    assert start(args, tmp_path).wait(timeout=300) == 0
+    ev = start(["eval", "run", "--set", "eval.num_tasks=200000", "--set", "eval.shots=[5]"], tmp_path)
+    time.sleep(8)  # inside the evaluation (imports and loading take a few seconds)
+    ev.send_signal(signal.SIGINT)
+    out, _ = ev.communicate(timeout=120)
+    assert ev.returncode == 130 and "interrupted" in out and "Traceback" not in out, out
+    assert not (tmp_path / "run/eval.json").exists()
+
+
+def test_missing_mujoco_is_a_sentence(tmp_path, capsys, monkeypatch):
+    error = pytest.importorskip("gymnasium.error")
+    from mamlkit import experiments
+
+    def no_mujoco(name):
+        raise error.DependencyNotInstalled('MuJoCo is not installed, run `pip install "gymnasium[mujoco]"`')
+
+    monkeypatch.setattr(experiments, "get", no_mujoco)
+    assert cli.main(["train", "rl-halfcheetah-vel", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "MuJoCo is not installed" in err and "mamlkit[mujoco]" in err
+
+
+def test_compiling_says_so(tmp_path, capsys):
+    from mamlkit.training import AdamUpdate, Trainer
+
+    class Learner(torch.nn.Module):  # stands for a MAML with compile=True
+        compiles = True
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def meta_backward(self, batch):
+            loss = (self.w * batch).sum()
+            loss.backward()
+            return loss.detach()
+
+    learner = Learner()
+    update = AdamUpdate(learner, lambda g: torch.ones(1), meta_lr=0.1)
+    Trainer(tmp_path, learner, update, torch.Generator(), iterations=2, checkpoint_every=2, log_every=1).fit()
+    assert "compiling the meta-batch computation" in capsys.readouterr().out

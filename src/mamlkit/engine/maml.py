@@ -146,6 +146,11 @@ class MAML(nn.Module):
                     state_dict[new] = state_dict.pop(old)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @property
+    def compiles(self) -> bool:
+        """Whether the meta-batch computation runs under ``torch.compile`` (its first calls compile)."""
+        return self._compile
+
     # -- functional pieces -------------------------------------------------------------
 
     def params(self) -> Params:

@@ -251,6 +251,10 @@ class Trainer:
         )
         window = _Window()
         start = self.iteration
+        if main and getattr(self.learner, "compiles", False):  # else minutes pass without a sign
+            bar.write(
+                f"{self.name}: compiling the meta-batch computation (torch.compile); the first iterations are slow"
+            )
         try:
             with _stop_requests() as stop:
                 while self.iteration < self.iterations:
