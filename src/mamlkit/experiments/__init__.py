@@ -63,6 +63,42 @@ def trained_models(run_dir: str | Path, known: Iterable[str], chosen: Sequence[s
     return present
 
 
+def train_models(cfg, run_dir, resume: bool, progress: bool, changes: dict | None, build, **options) -> bool:
+    """Train each model of ``cfg.models`` into ``run_dir/<model>/`` in turn, model ``i`` seeded
+    with ``train.seed + i`` (its initialisation, then its task stream from ``seed + 100``), all
+    under one time limit. ``build(model)`` returns ``(learner, update, trainer options)``;
+    ``options`` go to every model's ``Trainer``. False if training stopped early."""
+    import torch
+
+    from ..config import to_dict
+    from ..training import Trainer, start_run
+    from ..training.runs import deadline
+
+    run_dir = start_run(cfg, run_dir, resume, changes)
+    t = cfg.train
+    stop_at = deadline(t.time_limit)
+    for i, kind in enumerate(cfg.models):
+        seed = t.seed + i
+        torch.manual_seed(seed)
+        learner, update, own = build(kind)
+        trainer = Trainer(
+            run_dir / kind,
+            learner,
+            update,
+            torch.Generator(t.device).manual_seed(seed + 100),
+            **{"iterations": t.iterations, **options, **own},
+            checkpoint_every=t.checkpoint_every,
+            log_every=t.log_every,
+            metadata={"kind": kind, "config": to_dict(cfg)},
+            deadline=stop_at,
+            name=kind,
+            nonfinite=t.nonfinite,
+        )
+        if not trainer.fit(resume=resume, progress=progress):
+            return False
+    return True
+
+
 def step_cells(mean: Sequence[float], ci: Sequence[float], steps_shown: Sequence[int], digits: int) -> list[str]:
     """Table cells ``mean ± ci`` after each of ``steps_shown`` gradient steps; "–" for a step
     count that was not run (never the last value repeated)."""

@@ -20,9 +20,9 @@ from ..rl.metabatch import MetaTRPOUpdate, adaptation_returns, advantage_fn, tun
 from ..rl.policy import GaussianMLPPolicy, reinforce_loss
 from ..rl.tasks import MujocoTasks, NavigationTasks, make_tasks
 from ..rl.trpo import MetaTRPO
-from ..training import CHECKPOINT, Trainer, mean_ci, start_run
-from ..training.runs import deadline, read_eval, write_eval
-from . import build_maml, load_run, trained_models
+from ..training import CHECKPOINT, mean_ci
+from ..training.runs import read_eval, write_eval
+from . import build_maml, load_run, train_models, trained_models
 
 # Mean return over 40 test tasks after 0/1/2/3 steps, from the official code's result files
 # (docs/protocol.md#rl-evaluation); None = not given.
@@ -79,33 +79,22 @@ def train(
     cfg: RLConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, changes: dict | None = None
 ) -> bool:
     """Train every model in ``cfg.models`` into ``run_dir/<kind>/``; False if interrupted."""
-    run_dir = start_run(cfg, run_dir, resume, changes)
-    t = cfg.train
-    stop_at = deadline(t.time_limit)
-    for i, kind in enumerate(cfg.models):
-        seed = t.seed + i
-        torch.manual_seed(seed)
+
+    def build(kind: str):
         family = make_tasks(cfg.env, oracle=kind == "oracle")
         learner = make_learner(cfg, kind, family)
-        generator = torch.Generator(t.device).manual_seed(seed + 100)
-        trainer = Trainer(
-            run_dir / kind,
-            learner,
-            make_update(cfg, learner, family),
-            generator,
-            iterations=0 if kind == "random" else t.iterations,
-            checkpoint_every=t.checkpoint_every,
-            log_every=t.log_every,
-            metadata={"kind": kind, "config": to_dict(cfg)},
-            deadline=stop_at,
-            name=kind,
-            nonfinite=t.nonfinite,
-            hint=f"a step too large (maml.inner_lr={cfg.maml.inner_lr:g}, algo.max_kl={cfg.algo.max_kl:g})",
-            show=("return_post", "return"),
-        )
-        if not trainer.fit(resume=resume, progress=progress):
-            return False
-    return True
+        return learner, make_update(cfg, learner, family), {"iterations": 0} if kind == "random" else {}
+
+    return train_models(
+        cfg,
+        run_dir,
+        resume,
+        progress,
+        changes,
+        build,
+        hint=f"a step too large (maml.inner_lr={cfg.maml.inner_lr:g}, algo.max_kl={cfg.algo.max_kl:g})",
+        show=("return_post", "return"),
+    )
 
 
 def load_learner(

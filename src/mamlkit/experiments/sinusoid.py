@@ -12,9 +12,9 @@ from ..config import to_dict
 from ..engine import MAML, TaskBatch
 from ..models import mlp, official_init_
 from ..tasks import SinusoidTasks
-from ..training import CHECKPOINT, AdamUpdate, Trainer, mean_ci, start_run
-from ..training.runs import deadline, read_eval, write_eval
-from . import build_maml, load_run, step_cells, trained_models
+from ..training import CHECKPOINT, AdamUpdate, mean_ci
+from ..training.runs import read_eval, write_eval
+from . import build_maml, load_run, step_cells, train_models, trained_models
 from .configs import SinusoidConfig
 
 KINDS = ("maml", "pretrained", "oracle")
@@ -58,30 +58,15 @@ def train(
     cfg: SinusoidConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, changes: dict | None = None
 ) -> bool:
     """Train every model in ``cfg.models`` into ``run_dir/<kind>/``; False if interrupted."""
-    run_dir = start_run(cfg, run_dir, resume, changes)
     t = cfg.train
-    stop_at = deadline(t.time_limit)
-    for i, kind in enumerate(cfg.models):
-        torch.manual_seed(t.seed + i)
+
+    def build(kind: str):
         learner = make_learner(cfg, kind)
-        generator = torch.Generator(t.device).manual_seed(t.seed + 100 + i)
-        trainer = Trainer(
-            run_dir / kind,
-            learner,
-            AdamUpdate(learner, make_sampler(cfg, kind, make_tasks(cfg, kind)), t.meta_lr, t.grad_clip),
-            generator,
-            iterations=t.iterations,
-            checkpoint_every=t.checkpoint_every,
-            log_every=t.log_every,
-            metadata={"kind": kind, "config": to_dict(cfg)},
-            deadline=stop_at,
-            name=kind,
-            nonfinite=t.nonfinite,
-            hint=f"a step size too large (train.meta_lr={t.meta_lr:g}, maml.inner_lr={cfg.maml.inner_lr:g})",
-        )
-        if not trainer.fit(resume=resume, progress=progress):
-            return False
-    return True
+        sample = make_sampler(cfg, kind, make_tasks(cfg, kind))
+        return learner, AdamUpdate(learner, sample, t.meta_lr, t.grad_clip), {}
+
+    hint = f"a step size too large (train.meta_lr={t.meta_lr:g}, maml.inner_lr={cfg.maml.inner_lr:g})"
+    return train_models(cfg, run_dir, resume, progress, changes, build, hint=hint)
 
 
 def load_learner(
