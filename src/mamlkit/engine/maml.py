@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -11,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import FunctionalModel, Params, select_names
+from .recompute import recomputed_inner_step
+from .step_sizes import _key, _step_size, migrate_old_keys
 from .strategies import (
     candidate_strategies,
     fastest,
@@ -133,17 +134,9 @@ class MAML(nn.Module):
         self._functional_grad = compile and not vmap_unsafe_modules(model)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Meta-SGD step sizes saved under their old keys (:func:`_old_key`) load under the new
-        ones; an old key that two parameters shared is left alone, so the strict load reports it."""
+        """Meta-SGD step sizes saved under their old keys load under the new ones."""
         if self.learn_inner_lr:
-            owners: dict[str, list[str]] = {}
-            for n in self.adapted_names:
-                owners.setdefault(_old_key(n), []).append(n)
-            for old, names in owners.items():
-                new = f"{prefix}inner_lrs.{_key(names[0])}"
-                old = f"{prefix}inner_lrs.{old}"
-                if len(names) == 1 and old != new and old in state_dict and new not in state_dict:
-                    state_dict[new] = state_dict.pop(old)
+            migrate_old_keys(state_dict, prefix, self.adapted_names)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -201,35 +194,9 @@ class MAML(nn.Module):
 
     def _recomputed_inner_step(self, params: Params, inputs, targets, lr) -> Params:
         """A second-order inner step that keeps only its inputs and rebuilds its graph in the
-        backward pass (``checkpoint_inner``), with autograd instead of torch.func.
-
-        The support forward runs twice in all: once here, for a first-order gradient whose graph
-        is freed at once, and once in the backward pass, with the second-order graph that the
-        meta-gradient goes through (:class:`_RecomputedInnerStep`). ``torch.utils.checkpoint``
-        ran it three times: the step's own gradient, taken inside the checkpointed function,
-        unpacked the activations that checkpoint had just dropped and recomputed them during the
-        forward pass, and the backward pass recomputed them again.
-        """
+        backward pass (``checkpoint_inner``; :func:`recompute.recomputed_inner_step`)."""
         names = [n for n in self.adapted_names if params[n].requires_grad]
-        param_names = list(params)
-        lr_names = names if isinstance(lr, nn.ParameterDict | dict) else []
-        data, spec = torch.utils._pytree.tree_flatten((inputs, targets))
-        data_at = [i for i, x in enumerate(data) if isinstance(x, Tensor)]
-        n_params, n_lrs = len(param_names), len(lr_names)
-
-        def step(tensors: list[Tensor], create_graph: bool) -> tuple[Tensor, ...]:
-            p = dict(zip(param_names, tensors[:n_params]))
-            lrs = dict(zip(lr_names, tensors[n_params : n_params + n_lrs]))
-            leaves = list(data)
-            for i, t in zip(data_at, tensors[n_params + n_lrs :]):
-                leaves[i] = t
-            x, y = torch.utils._pytree.tree_unflatten(leaves, spec)
-            loss = self.loss_fn(self.fmodel(p, x), y)
-            grads = torch.autograd.grad(loss, [p[n] for n in names], create_graph=create_graph, allow_unused=True)
-            return tuple(p[n] if g is None else p[n] - (lrs[n] if lr_names else lr) * g for n, g in zip(names, grads))
-
-        tensors = [params[n] for n in param_names] + [lr[_key(n)] for n in lr_names] + [data[i] for i in data_at]
-        return {**params, **dict(zip(names, _RecomputedInnerStep.apply(step, *tensors)))}
+        return recomputed_inner_step(self.fmodel, self.loss_fn, names, params, inputs, targets, lr, _key)
 
     def _lrs(self, lr: StepSize, steps: int) -> list:
         if lr is None:
@@ -436,55 +403,6 @@ class MAML(nn.Module):
             return map_tasks(fn, in_dims, *args, strategy="loop")
 
 
-class _RecomputedInnerStep(torch.autograd.Function):
-    """``step(tensors, create_graph)`` -> new parameters, differentiated by recomputing it.
-
-    The forward pass runs ``step`` once without a second-order graph and saves only its input
-    tensors. The backward pass runs it again with ``create_graph=True``, under the random-number
-    and autocast state of the forward pass (so dropout and bf16 recompute what ran), and takes the
-    vector-Jacobian product through it. Asked for a graph (``create_graph=True``, a Hessian-vector
-    product of the meta-loss), it recomputes on views of the saved inputs rather than detached
-    copies, so that the gradient it returns is connected to their history and differentiable;
-    each input gets its own view, so that the product is taken w.r.t. each input alone (the step
-    size is also an ancestor of the previous step's output).
-    """
-
-    @staticmethod
-    def forward(ctx, step, *tensors):
-        ctx.step = step
-        ctx.devices = sorted({t.device for t in tensors if t.device.type == "cuda"}, key=str)
-        ctx.rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.devices]
-        ctx.autocast = {
-            dev: (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-            for dev in ["cpu"] + (["cuda"] if ctx.devices else [])
-        }
-        ctx.save_for_backward(*tensors)
-        with torch.enable_grad():
-            out = step([t.detach().requires_grad_(t.requires_grad) for t in tensors], create_graph=False)
-        return tuple(o.detach() for o in out)
-
-    @staticmethod
-    def backward(ctx, *grad_out):
-        tensors = ctx.saved_tensors
-        higher = torch.is_grad_enabled()  # on in a backward pass only under create_graph=True
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.random.fork_rng(devices=ctx.devices))
-            torch.set_rng_state(ctx.rng[0])
-            for d, state in zip(ctx.devices, ctx.rng[1]):
-                torch.cuda.set_rng_state(state, d)
-            for dev, (enabled, dtype) in ctx.autocast.items():
-                stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
-            stack.enter_context(torch.enable_grad())
-            if higher:  # a fresh node per input: no gradient reaches one input through another's history
-                leaves = [t.view_as(t) if t.requires_grad else t for t in tensors]
-            else:
-                leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
-            out = ctx.step(leaves, create_graph=True)
-            wrt = [t for t in leaves if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True, create_graph=higher))
-        return (None, *(next(grads) if t.requires_grad else None for t in leaves))
-
-
 def _accumulate(tensors: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
     for name, t in tensors.items():
         g = grads[name]
@@ -492,31 +410,6 @@ def _accumulate(tensors: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
             t.grad = g
         else:
             t.grad += g
-
-
-def _key(name: str) -> str:
-    """The ``inner_lrs`` key of parameter ``name`` (a ParameterDict key cannot hold ``.``), one to one.
-
-    An ordinary name, with no ``__``, ``_.``, ``._`` or ``..``, keeps the key mamlkit always gave
-    it, ``.`` -> ``__``, so checkpoints load as they are: each run of ``_`` and ``.`` in it is one
-    character, so each run of ``_`` in its key is one (``_``) or two (``.``) long and reads back.
-    Any other name (``a__weight`` beside ``a.weight``, whose keys were the same) is written
-    ``___`` + its characters with ``_`` -> ``_u`` and ``.`` -> ``_d``: three underscores in a row,
-    which no ordinary key holds, then an escape that reads back.
-    """
-    if "__" in name or "_." in name or "._" in name or ".." in name:
-        return "___" + name.replace("_", "_u").replace(".", "_d")
-    return name.replace(".", "__")
-
-
-def _old_key(name: str) -> str:
-    """The key before :func:`_key`: not one to one (``a.weight`` and ``a__weight`` shared one)."""
-    return name.replace(".", "__")
-
-
-def _step_size(lr) -> Callable[[str], Any]:
-    """The step size of a parameter by name: one for all, or Meta-SGD's learned one per parameter."""
-    return (lambda n: lr[_key(n)]) if isinstance(lr, nn.ParameterDict | dict) else (lambda n: lr)
 
 
 def _check_running_stats(model: nn.Module) -> None:
