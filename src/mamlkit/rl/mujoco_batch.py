@@ -219,8 +219,7 @@ class TaskPolicy:
 
     Per-task parameters are stacked once; a Gaussian MLP (``policy.GaussianMLPPolicy``) is then
     run as batched matmuls (``baddbmm``), anything else through ``torch.func.vmap`` over the
-    stacked parameters (measured: 0.28 ms against 0.46 ms per step for 40 × 20 half-cheetah
-    episodes, 0.45 against 1.0 ms for the ant's 105-dim observations).
+    stacked parameters (slower; BENCHMARKS.md, "Batched MuJoCo sampler").
     """
 
     def __init__(self, fmodel: FunctionalModel, params: Params | list[Params]):
