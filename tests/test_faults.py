@@ -290,3 +290,31 @@ def test_compiling_says_so(tmp_path, capsys):
     update = AdamUpdate(learner, lambda g: torch.ones(1), meta_lr=0.1)
     Trainer(tmp_path, learner, update, torch.Generator(), iterations=2, checkpoint_every=2, log_every=1).fit()
     assert "compiling the meta-batch computation" in capsys.readouterr().out
+
+
+def test_metric_rows_keep_their_columns_whatever_the_key_order(tmp_path):
+    from mamlkit.training.metrics import MetricLog, read_metrics
+
+    log = MetricLog(tmp_path, tensorboard=False)
+    log.log(5, skipped=7.0, loss=1.0)
+    log.log(10, loss=2.0, skipped=3.0)  # the same columns, another order
+    log.log(15, loss=4.0)  # one missing
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [(r["loss"], r.get("skipped")) for r in rows] == [(1.0, 7.0), (2.0, 3.0), (4.0, None)]
+
+
+def test_large_finite_gradients_are_not_called_divergence():
+    from mamlkit.training.loop import all_finite
+
+    assert all_finite([torch.full((1000,), 1e18), torch.full((4,), 3e19)])  # an L2 norm would overflow
+    assert not all_finite([torch.tensor([1.0, float("nan")])]) and not all_finite([torch.tensor([float("inf")])])
+
+
+def test_a_task_stream_saved_on_another_device_is_reseeded_not_a_crash():
+    from mamlkit.training import checkpoint as ckpt
+
+    g = torch.Generator().manual_seed(0)
+    state = ckpt.rng_state(g)
+    state["tasks"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA generator's state
+    assert not ckpt.set_rng_state(state, g, reseed=42)
+    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=torch.Generator().manual_seed(42)))

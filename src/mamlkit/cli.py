@@ -62,6 +62,11 @@ def cmd_train(args) -> int:
     if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device={cfg.train.device} but no CUDA GPU is visible; use train.device=cpu or auto")
     exp = experiments.get(cfg.experiment)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.train.device.startswith("cuda:"):
+        raise ValueError(
+            f"train.device={cfg.train.device} under torchrun would put every process on one GPU; "
+            "use train.device=cuda: each process takes the GPU of its local rank"
+        )
     distributed.setup(cfg.train.device)  # under torchrun: join the other ranks
     main = distributed.is_main()
     if distributed.active() and main:

@@ -68,6 +68,8 @@ def train_models(cfg, run_dir, resume: bool, progress: bool, changes: dict | Non
     with ``train.seed + i`` (its initialisation, then its task stream from ``seed + 100``), all
     under one time limit. ``build(model)`` returns ``(learner, update, trainer options)``;
     ``options`` go to every model's ``Trainer``. False if training stopped early."""
+    import time
+
     import torch
 
     from ..config import to_dict
@@ -78,6 +80,9 @@ def train_models(cfg, run_dir, resume: bool, progress: bool, changes: dict | Non
     t = cfg.train
     stop_at = deadline(t.time_limit)
     for i, kind in enumerate(cfg.models):
+        if i and time.monotonic() > stop_at:  # the time is up: no next model, not even one iteration
+            print(f"time limit reached before {kind}; --resume continues")
+            return False
         seed = t.seed + i
         torch.manual_seed(seed)
         learner, update, own = build(kind)

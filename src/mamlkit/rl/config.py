@@ -129,6 +129,13 @@ class RLConfig:
         if unknown or not self.models:
             raise ConfigError(f"models: {sorted(unknown) or 'empty'} not allowed; choose from {', '.join(MODELS)}")
         check_pair(self.env.goal_range, "env.goal_range")
+        if self.env.name != "navigation2d" and self.train.device == "auto":
+            self.train.device = "cpu"  # the MuJoCo sampler's policy runs on the CPU, beside the simulator
+        if self.env.name != "navigation2d" and self.train.device != "cpu":
+            raise ConfigError(
+                f"train.device={self.train.device}: the MuJoCo tasks run their policy beside the simulator, on "
+                "the CPU; use train.device=cpu (torchrun spreads a run over processes)"
+            )
         changed = [
             f"maml.{f.name}"
             for f in fields(MAMLConfig)

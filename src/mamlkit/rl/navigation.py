@@ -27,7 +27,7 @@ def step(
 
 def sample_goals(n: int, generator: torch.Generator, low: float = -0.5, high: float = 0.5) -> Tensor:
     """``n`` goals, uniform on ``[low, high]²``."""
-    return low + (high - low) * torch.rand(n, 2, generator=generator)
+    return low + (high - low) * torch.rand(n, 2, generator=generator, device=generator.device).cpu()
 
 
 class Navigation2DEnv(gym.Env):

@@ -60,7 +60,7 @@ class MujocoTasks:
         probe.close()
 
     def sample(self, n: int, g: torch.Generator) -> Tensor:
-        u = torch.rand(n, 1, generator=g)
+        u = torch.rand(n, 1, generator=g, device=g.device).cpu()
         high = self.family.high
         return u * high if high is not None else torch.where(u < 0.5, -1.0, 1.0)
 

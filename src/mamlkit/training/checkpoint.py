@@ -56,11 +56,19 @@ def rng_state(generator: torch.Generator | None = None) -> dict:
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+def set_rng_state(state: dict, generator: torch.Generator | None = None, reseed: int = 0) -> bool:
+    """Restore the random-number state; False when the task generator's saved state is of another
+    device type (a run resumed on a CPU after a GPU, say): the generator is then seeded with
+    ``reseed`` instead, since one device's stream cannot continue on another."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if generator is not None and "tasks" in state:
-        generator.set_state(state["tasks"])
+        try:
+            generator.set_state(state["tasks"])
+        except RuntimeError:
+            generator.manual_seed(reseed)
+            return False
+    return True

@@ -39,7 +39,8 @@ class DivergedError(RuntimeError):
 def all_finite(tensors: list[Tensor]) -> bool:
     """Whether every element of ``tensors`` is finite (one device synchronisation)."""
     tensors = [t for t in tensors if t is not None]
-    return bool(torch.stack([n for n in torch._foreach_norm(tensors)]).isfinite().all()) if tensors else True
+    # The max-norm: an L2 norm of large finite values can overflow to inf (a false alarm).
+    return bool(torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()) if tensors else True
 
 
 class Update(Protocol):
@@ -218,7 +219,12 @@ class Trainer:
         update_state = state.get("update", state.get("optimizer"))
         if update_state is not None:
             self.update.load_state_dict(update_state)
-        ckpt.set_rng_state(state["rng"], self.generator)
+        if not ckpt.set_rng_state(state["rng"], self.generator, reseed=1_000_003 * (state["iteration"] + 1)):
+            print(
+                f"{self.name}: resumed on a {self.generator.device.type} device; the task stream of the other "
+                "device cannot continue here, so it continues from a seed of its own (the run is no longer "
+                "the one an uninterrupted run on one device would give)"
+            )
         self.iteration = state["iteration"]
         self.best = state.get("best", float("-inf"))
 
@@ -280,11 +286,13 @@ class Trainer:
                         window.restart_clock()  # validation and logging do not count as training time
                     if it % self.checkpoint_every == 0 or final:
                         if window.count:  # a row ends at every checkpoint: a resume then logs each iteration once
+                            bar.update(window.count)
                             log.log(it, **window.flush())
                             window.restart_clock()
                         self.save()
                     if distributed.any_rank(stop.is_set() or (not final and time.monotonic() > self.deadline)):
                         if window.count:  # the partial window's metrics, so the log ends where training did
+                            bar.update(window.count)
                             log.log(it, **window.flush())
                         self.save()
                         why = "time limit reached" if time.monotonic() > self.deadline else "stopped"

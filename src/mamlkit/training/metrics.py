@@ -33,26 +33,28 @@ class MetricLog:
 
     def log(self, iteration: int, **values: float) -> None:
         row = {"iteration": iteration, **values}
-        if self.rows and set(row) != set(self.rows[0]):
-            self.rows.append(row)
+        self.rows.append(row)
+        fields = self._fields()
+        if fields != self.header:
             self._rewrite()  # a new column: rewrite with the wider header
-        else:
-            self.rows.append(row)
+        else:  # columns by the file's header, whatever the order of the row's keys
             with self.path.open("a", newline="") as f:
-                if f.tell() == 0:
-                    csv.DictWriter(f, fieldnames=list(row)).writeheader()
-                csv.DictWriter(f, fieldnames=list(row)).writerow(row)
+                csv.DictWriter(f, fieldnames=self.header).writerow(row)
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, iteration)
 
-    def _rewrite(self) -> None:
+    def _fields(self) -> list[str]:
         fields: list[str] = []
         for r in self.rows:
             fields += [k for k in r if k not in fields]
+        return fields
+
+    def _rewrite(self) -> None:
+        self.header = self._fields()
         with self.path.open("w", newline="") as f:
-            if fields:
-                w = csv.DictWriter(f, fieldnames=fields)
+            if self.header:
+                w = csv.DictWriter(f, fieldnames=self.header)
                 w.writeheader()
                 w.writerows(self.rows)
 

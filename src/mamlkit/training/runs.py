@@ -7,6 +7,7 @@ import datetime
 import fcntl
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -33,6 +34,10 @@ RESUMABLE = (
     "maml.strategy",
     "maml.compile",
     "maml.cuda_graphs",
+    "env.sim_threads",
+    "data.root",
+    "data.cache_dir",
+    "data.split_dir",
     "eval.*",
 )
 
@@ -128,8 +133,11 @@ def abandon_if_untrained(run_dir: str | Path) -> None:
     run_dir = Path(run_dir)
     if not distributed.is_main() or not (run_dir / "config.yaml").exists() or any(run_dir.rglob("*.pt")):
         return
-    for name in ("config.yaml", LOG):
-        (run_dir / name).unlink(missing_ok=True)
+    for name in ("config.yaml", LOG, "metrics.csv"):
+        for path in [run_dir / name, *run_dir.glob(f"*/{name}")]:
+            path.unlink(missing_ok=True)
+    for tb in [run_dir / "tb", *run_dir.glob("*/tb")]:
+        shutil.rmtree(tb, ignore_errors=True)
 
 
 def _now() -> str:
