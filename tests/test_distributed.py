@@ -123,3 +123,15 @@ def test_two_processes_reproduce_one_for_meta_rl(tmp_path):
     col = one_log[0].split(",").index("return_post")
     for a, b in zip(one_log[1:], two_log[1:]):  # the logged returns are the whole meta-batch's
         assert float(a.split(",")[col]) == pytest.approx(float(b.split(",")[col]), rel=1e-5)
+
+
+def test_a_failure_on_rank_0_alone_reaches_every_rank(tmp_path):
+    """Rank 0 reads the checkpoint; when it cannot, every rank stops with the same message at once
+    instead of the others waiting in a collective."""
+    run(["train", *SINUSOID, "--out", "run", "--set", "train.iterations=10"], cwd=tmp_path)
+    (tmp_path / "run/maml/checkpoint.pt").write_bytes(b"not a checkpoint")
+    t0 = time.monotonic()
+    p = mamlkit(["train", *SINUSOID, "--out", "run", "--resume", "--set", "train.iterations=20"], 2, tmp_path)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode != 0 and out.count("unreadable") >= 2, out[-3000:]  # both ranks say why
+    assert time.monotonic() - t0 < 120

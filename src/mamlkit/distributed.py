@@ -97,6 +97,24 @@ def broadcast(obj):
     return box[0]
 
 
+def on_main(fn):
+    """``fn()`` run by rank 0 alone, its result handed to every rank; if it raises, every rank
+    raises the same error (so no rank waits in a collective for one that failed)."""
+    if not active():
+        return fn()
+    box = [None]
+    if is_main():
+        try:
+            box = [(True, fn())]
+        except Exception as e:  # sent to the others, re-raised everywhere below
+            box = [(False, e)]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

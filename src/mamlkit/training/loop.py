@@ -208,7 +208,7 @@ class Trainer:
     def restore(self) -> None:
         # Rank 0 reads the checkpoint and hands it to the others (no shared disk needed).
         try:
-            state = distributed.broadcast(ckpt.load(self.checkpoint_path) if distributed.is_main() else None)
+            state = distributed.on_main(lambda: ckpt.load(self.checkpoint_path))
         except ckpt.CorruptCheckpoint as e:
             raise ckpt.CorruptCheckpoint(
                 f"{e}. --resume cannot continue from it; deleting it would restart {self.name} from iteration 0. "

@@ -114,14 +114,16 @@ def start_run(cfg, run_dir: str | Path, resume: bool, changes: dict | None = Non
     run_dir = Path(run_dir)
     if distributed.broadcast((run_dir / "config.yaml").exists()) and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or --out for a new one")
-    if distributed.is_main():  # under torchrun, rank 0 alone writes the run's files
+
+    def write() -> None:  # under torchrun, rank 0 alone writes the run's files
         lock(run_dir)
         for tmp in run_dir.rglob(".*.pt.*.tmp"):
             tmp.unlink(missing_ok=True)
         config_lib.dump(cfg, run_dir / "config.yaml")
         changed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in (changes or {}).items())
         log_event(run_dir, ("resumed" + (f", changing {changed}" if changed else "")) if resume else "started")
-    distributed.barrier()
+
+    distributed.on_main(write)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     return run_dir
