@@ -255,7 +255,16 @@ def test_ctrl_c_during_eval_is_a_line_not_a_traceback(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "mamlkit", "eval", "run", "--set", "eval.num_tasks=20000"]
     with log.open("w") as out:
-        ev = subprocess.Popen([*cmd, "--set", f"eval.shots={[5] * 40}"], cwd=tmp_path, env=env, stdout=out, stderr=out)
+        # SIGINT as a terminal delivers it: a shell's background job (a CI runner's, say) starts its
+        # children with SIGINT ignored, and Python then keeps ignoring it.
+        ev = subprocess.Popen(
+            [*cmd, "--set", f"eval.shots={[5] * 40}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=out,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         deadline = time.monotonic() + 300
         while "eval:" not in log.read_text():  # inside the evaluation, past the imports
             assert ev.poll() is None and time.monotonic() < deadline, log.read_text()
