@@ -6,49 +6,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import finite_difference_grad, float64  # noqa: F401  (float64: autouse)
+from helpers import make_batch as _make_batch
 from mamlkit import MAML, TaskBatch
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def make_batch(tasks=3, k=8, q=8, d_in=2, d_out=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return TaskBatch(
-        torch.randn(tasks, k, d_in, generator=g),
-        torch.randn(tasks, k, d_out, generator=g),
-        torch.randn(tasks, q, d_in, generator=g),
-        torch.randn(tasks, q, d_out, generator=g),
-    )
+def make_batch(tasks=3, k=8, q=8, **kw):
+    return _make_batch(tasks, k, q, **kw)
 
 
 def meta_grad(maml, batch):
     maml.zero_grad(set_to_none=True)
     maml.meta_loss(batch).backward()
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in maml.parameters()]
-
-
-def finite_difference_grad(fn, tensors, eps=1e-6):
-    grads = []
-    with torch.no_grad():
-        for t in tensors:
-            g = torch.zeros_like(t)
-            flat, gflat = t.view(-1), g.view(-1)
-            for i in range(flat.numel()):
-                old = flat[i].item()
-                flat[i] = old + eps
-                up = fn().item()
-                flat[i] = old - eps
-                down = fn().item()
-                flat[i] = old
-                gflat[i] = (up - down) / (2 * eps)
-            grads.append(g)
-    return grads
 
 
 def assert_close_all(got, want, **kw):
