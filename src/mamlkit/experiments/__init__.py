@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from importlib import import_module
 from pathlib import Path
 
-from ..config import kwargs_for
+import torch
+
+from ..config import kwargs_for, load_raw, to_dict
+from ..engine import MAML
+from ..training import CHECKPOINT, Trainer, start_run
 from ..training import checkpoint as ckpt
+from ..training.runs import deadline
 from .configs import CONFIGS, build_config, load_config, override_eval
 
 __all__ = [
@@ -33,8 +39,6 @@ def get(name: str):
 
 def build_maml(model, loss_fn, cfg, **overrides):
     """``MAML`` with the options of a ``maml:`` config section (``overrides`` win)."""
-    from ..engine import MAML
-
     return MAML(model, loss_fn, **{**kwargs_for(MAML, cfg), **overrides})
 
 
@@ -42,9 +46,6 @@ def trained_models(run_dir: str | Path, known: Iterable[str], chosen: Sequence[s
     """The models of a run to evaluate, in ``known``'s order: ``chosen`` (each must have a
     checkpoint), or every model the run's config lists, refused if any has no checkpoint, so an
     evaluation never silently leaves a model out."""
-    from ..config import load_raw
-    from ..training import CHECKPOINT
-
     run_dir = Path(run_dir)
     listed = load_raw(str(run_dir / "config.yaml")).get("models", [])
     present = [k for k in known if (run_dir / k / CHECKPOINT).exists()]
@@ -68,14 +69,6 @@ def train_models(cfg, run_dir, resume: bool, progress: bool, changes: dict | Non
     with ``train.seed + i`` (its initialisation, then its task stream from ``seed + 100``), all
     under one time limit. ``build(model)`` returns ``(learner, update, trainer options)``;
     ``options`` go to every model's ``Trainer``. False if training stopped early."""
-    import time
-
-    import torch
-
-    from ..config import to_dict
-    from ..training import Trainer, start_run
-    from ..training.runs import deadline
-
     run_dir = start_run(cfg, run_dir, resume, changes)
     t = cfg.train
     stop_at = deadline(t.time_limit)
