@@ -155,7 +155,7 @@ def bench_simulators(name: str, n: int, threads_list: list[int], steps: int, rep
 
 def bench_policy(n_tasks: int, trajectories: int, repeats: int) -> None:
     """Microseconds per policy call on ``obs [tasks, trajectories, d]``, each task its parameters."""
-    from mamlkit.rl.mujoco_batch import TaskPolicy
+    from mamlkit.rl.policy import TaskPolicy
 
     for label, d, a in (("half-cheetah", 17, 6), ("ant", 105, 8)):
         fm, base, per_task = policy_and_params(d, a, n_tasks)

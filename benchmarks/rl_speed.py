@@ -34,15 +34,15 @@ def bench_navigation(seconds: float) -> list[tuple[str, float]]:
     from mamlkit.engine.functional import FunctionalModel
     from mamlkit.rl import envs
     from mamlkit.rl.navigation import NavigationBatch, sample_goals
-    from mamlkit.rl.policy import GaussianMLPPolicy
-    from mamlkit.rl.sampler import policy_fn, rollout
+    from mamlkit.rl.policy import GaussianMLPPolicy, TaskPolicy
+    from mamlkit.rl.sampler import rollout
 
     g = torch.Generator().manual_seed(0)
     fm = FunctionalModel(GaussianMLPPolicy(2, 2))
     params = [{k: v.detach() for k, v in fm.params().items()}] * 20
     env = NavigationBatch(sample_goals(20, g), 20)
     dt, n = timed(
-        lambda: rollout(policy_fn(fm, params), env, torch.randn(20, 20, 100, 2, generator=g)).mask.numel(), seconds
+        lambda: rollout(TaskPolicy(fm, params), env, torch.randn(20, 20, 100, 2, generator=g)).mask.numel(), seconds
     )
     rows = [("navigation, torch batch 20 tasks x 20 trajectories, with policy", n / dt)]
     single = gym.make(envs.NAVIGATION)

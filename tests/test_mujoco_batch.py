@@ -11,9 +11,9 @@ gym = pytest.importorskip("gymnasium")
 from mamlkit.engine.functional import FunctionalModel  # noqa: E402
 from mamlkit.rl import envs  # noqa: E402, F401  (registers the gymnasium environments)
 from mamlkit.rl.config import RLEnvConfig  # noqa: E402
-from mamlkit.rl.mujoco_batch import BatchedMujoco, TaskPolicy, batched_rollout  # noqa: E402
+from mamlkit.rl.mujoco_batch import BatchedMujoco, batched_rollout  # noqa: E402
 from mamlkit.rl.mujoco_sim import has_batch, has_capi  # noqa: E402
-from mamlkit.rl.policy import GaussianMLPPolicy  # noqa: E402
+from mamlkit.rl.policy import GaussianMLPPolicy, TaskPolicy  # noqa: E402
 from mamlkit.rl.tasks import make_tasks  # noqa: E402
 
 GYM = {
@@ -150,16 +150,23 @@ def test_per_task_parameters_are_used_per_task_and_oracle_obs():
     assert (fm(b, ep.obs[0])[0] - ep.actions[0]).abs().min() > 1.0
 
 
-def test_mlp_fast_path_matches_vmap():
+def test_task_policy_fast_path_matches_each_tasks_own_call():
     fm, base = policy(17, 6)
     params = [{k: v + 0.1 * torch.randn_like(v) for k, v in base.items()} for _ in range(4)]
-    obs = torch.randn(3, 5, 17)
     fast = TaskPolicy(fm, params)
     assert fast.layers is not None
     slow = TaskPolicy(fm, params)
     slow.layers = None
-    for x, y in zip(fast(obs, slice(1, 4)), slow(obs, slice(1, 4))):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    for obs, tasks in ((torch.randn(3, 5, 17), slice(1, 4)), (torch.randn(4, 2, 7, 17), slice(None))):
+        ids = range(4)[tasks]
+        expected = [torch.stack(x) for x in zip(*(fm(params[i], o) for i, o in zip(ids, obs)))]
+        for way in (fast, slow):
+            for x, y in zip(way(obs, tasks), expected):
+                assert x.shape == y.shape
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    obs = torch.randn(4, 2, 7, 17)
+    for x, y in zip(TaskPolicy(fm, base)(obs), fm(base, obs)):
+        assert torch.equal(x, y)
 
 
 def test_same_seed_same_episodes_whatever_the_other_tasks_and_chunks():

@@ -299,13 +299,14 @@ def test_eval_chooses_step_sizes_on_validation_tasks(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "rl-navigation2d-tiny", "--out", str(out), "--quiet", "--set", "models=[maml,oracle]"]
     assert cli.main(args) == 0
-    candidates = [0.05, 0.5, 2.0]
+    candidates = [0.05, 0.5, 2.0, 0.5]
     assert cli.main(["eval", str(out), "--set", f"eval.tune_inner_lrs={candidates}"]) == 0
     res = json.loads((out / "eval.json").read_text())
     maml = res["models"]["maml"]
     assert len(maml["inner_lrs"]) == res["eval"]["steps"] == len(maml["tuning"])
     for lr, row in zip(maml["inner_lrs"], maml["tuning"]):
         assert row[candidates.index(lr)] == max(row)  # each step takes its best candidate
+        assert row[1] == row[3]  # the candidates of a step are tried on the same episodes
     assert res["models"]["oracle"]["tuning"] is None
     assert "chosen among" in (out / "eval.md").read_text()
     capsys.readouterr()

@@ -19,7 +19,8 @@ from .. import distributed
 from ..engine import MAML
 from ..engine.functional import Params, detach
 from ..engine.strategies import map_tasks
-from .sampler import Episodes, advantages, policy_fn
+from .policy import TaskPolicy
+from .sampler import Episodes, advantages
 from .tasks import rollout_seeds
 from .trpo import MetaTRPO, TaskData, task_strategy
 
@@ -89,7 +90,7 @@ def sample_meta_batch(
         adapted = [theta] * len(tasks)
     post = family.rollout(learner.fmodel, adapted, tasks, trajectories, seeds[1])
     with torch.no_grad():
-        old_mean, old_log_std = policy_fn(learner.fmodel, adapted)(post.obs)
+        old_mean, old_log_std = TaskPolicy(learner.fmodel, adapted)(post.obs)
     info["return_post" if pre is not None else "return"] = post.returns().mean().item()
     data = TaskData(
         pre_obs=pre.obs if pre is not None else None,
@@ -138,18 +139,19 @@ def tune_inner_lrs(
     generator: torch.Generator,
 ) -> tuple[list[float], list[list[float]]]:
     """Step sizes chosen among ``candidates`` on (validation) ``tasks``, greedily: step s takes the
-    candidate whose adapted policies return most, given the sizes already chosen. Returns
-    ``(sizes, mean return of every candidate at every step)``."""
+    candidate whose adapted policies return most, given the sizes already chosen. At each step
+    every candidate's episodes use the same seeds (initial states and action noise), so the
+    candidates differ only by their step size. Returns ``(sizes, mean return of every candidate
+    at every step)``."""
     params: list[Params] = [detach(learner.params())] * len(tasks)
     ep = family.rollout(learner.fmodel, params, tasks, trajectories, rollout_seeds(len(tasks), generator))
     chosen, table = [], []
     for _ in range(steps):
         trials = []
+        seeds = rollout_seeds(len(tasks), generator)
         for lr in candidates:
             adapted = adapt_tasks(learner, ep, adv, params, lr)
-            trial_ep = family.rollout(
-                learner.fmodel, adapted, tasks, trajectories, rollout_seeds(len(tasks), generator)
-            )
+            trial_ep = family.rollout(learner.fmodel, adapted, tasks, trajectories, seeds)
             trials.append((trial_ep.returns().mean().item(), lr, adapted, trial_ep))
         table.append([t[0] for t in trials])
         _, lr, params, ep = max(trials, key=lambda t: t[0])

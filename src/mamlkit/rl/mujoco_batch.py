@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import mujoco
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..engine.functional import FunctionalModel, Params
 from .families import (
@@ -40,6 +40,7 @@ from .families import (
     XML,
 )
 from .mujoco_sim import _BatchSim, _CapiSim, _ThreadSim, default_threads, has_batch, has_capi
+from .policy import TaskPolicy
 from .sampler import Episodes, task_noise
 
 
@@ -189,64 +190,6 @@ class BatchedMujoco:
     def close(self) -> None:
         if hasattr(self.sim, "close"):
             self.sim.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# The policy over all episodes at once, each task with its own parameters
-
-
-def _mlp_layers(module: nn.Module) -> list[tuple[str, str, bool]] | None:
-    """``(weight name, bias name, relu after)`` of a ``GaussianMLPPolicy``-shaped module
-    (``mean`` a Sequential of Linear and ReLU, a ``log_std`` parameter), else None."""
-    from .policy import GaussianMLPPolicy
-
-    if type(module) is not GaussianMLPPolicy or not isinstance(module.mean, nn.Sequential):
-        return None
-    layers: list[tuple[str, str, bool]] = []
-    for i, sub in enumerate(module.mean):
-        if isinstance(sub, nn.Linear) and sub.bias is not None:
-            layers.append((f"mean.{i}.weight", f"mean.{i}.bias", False))
-        elif isinstance(sub, nn.ReLU) and layers and not layers[-1][2]:
-            layers[-1] = (*layers[-1][:2], True)
-        else:
-            return None
-    return layers
-
-
-class TaskPolicy:
-    """``obs [k, E, d] -> (mean, log_std)`` for ``k`` tasks of ``E`` episodes each, every task
-    with its own parameters (``params``: one dict for all tasks or a list with one per task).
-
-    Per-task parameters are stacked once; a Gaussian MLP (``policy.GaussianMLPPolicy``) is then
-    run as batched matmuls (``baddbmm``), anything else through ``torch.func.vmap`` over the
-    stacked parameters (slower; BENCHMARKS.md, "Batched MuJoCo sampler").
-    """
-
-    def __init__(self, fmodel: FunctionalModel, params: Params | list[Params]):
-        self.fmodel, self.shared = fmodel, isinstance(params, dict)
-        if self.shared:
-            self.params = params
-            return
-        self.stacked = {k: torch.stack([p[k].detach() for p in params]) for k in params[0]}
-        layers = _mlp_layers(fmodel.module)
-        if layers is not None and set(self.stacked) != {"log_std", *(n for w, b, _ in layers for n in (w, b))}:
-            layers = None
-        self.layers = layers
-
-    def __call__(self, obs: Tensor, tasks: slice) -> tuple[Tensor, Tensor]:
-        if self.shared:
-            k, e, d = obs.shape
-            mean, log_std = self.fmodel(self.params, obs.reshape(k * e, d))
-            return mean.reshape(k, e, -1), log_std.reshape(k, e, -1)
-        if self.layers is None:
-            chunk = {name: p[tasks] for name, p in self.stacked.items()}
-            return torch.func.vmap(self.fmodel)(chunk, obs)
-        h = obs
-        for w, b, relu in self.layers:
-            h = torch.baddbmm(self.stacked[b][tasks].unsqueeze(1), h, self.stacked[w][tasks].transpose(1, 2))
-            if relu:
-                h = torch.relu_(h)
-        return h, self.stacked["log_std"][tasks].unsqueeze(1).expand_as(h)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..engine.functional import FunctionalModel, Params
 from ..models import mlp
 
 
@@ -29,6 +30,58 @@ class GaussianMLPPolicy(nn.Module):
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         mean = self.mean(obs)
         return mean, self.log_std.expand_as(mean)
+
+
+def _mlp_layers(module: nn.Module) -> list[tuple[str, str, bool]] | None:
+    """``(weight name, bias name, relu after)`` of a ``GaussianMLPPolicy`` whose ``mean`` is a
+    Sequential of biased Linear and ReLU layers, else None."""
+    if type(module) is not GaussianMLPPolicy or not isinstance(module.mean, nn.Sequential):
+        return None
+    layers: list[tuple[str, str, bool]] = []
+    for i, sub in enumerate(module.mean):
+        if isinstance(sub, nn.Linear) and sub.bias is not None:
+            layers.append((f"mean.{i}.weight", f"mean.{i}.bias", False))
+        elif isinstance(sub, nn.ReLU) and layers and not layers[-1][2]:
+            layers[-1] = (*layers[-1][:2], True)
+        else:
+            return None
+    return layers
+
+
+class TaskPolicy:
+    """The policy on ``obs [k, ..., d]`` of ``k`` tasks -> ``(mean, log_std)``, every task with
+    its own parameters (``params``: one dict for all tasks, or a list with one per task).
+
+    Per-task parameters are stacked once (detached: this is for sampling, not for gradients);
+    a Gaussian MLP is then run as batched matmuls (``baddbmm``), anything else under
+    ``torch.func.vmap`` over the stacked parameters (slower; BENCHMARKS.md, "Batched MuJoCo
+    sampler"). ``tasks`` picks which of the stacked tasks ``obs`` belongs to.
+    """
+
+    def __init__(self, fmodel: FunctionalModel, params: Params | list[Params]):
+        self.fmodel, self.shared = fmodel, isinstance(params, dict)
+        if self.shared:
+            self.params = params
+            return
+        self.stacked = {k: torch.stack([p[k].detach() for p in params]) for k in params[0]}
+        layers = _mlp_layers(fmodel.module)
+        if layers is not None and set(self.stacked) != {"log_std", *(n for w, b, _ in layers for n in (w, b))}:
+            layers = None
+        self.layers = layers
+
+    def __call__(self, obs: Tensor, tasks: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        if self.shared:
+            return self.fmodel(self.params, obs)
+        if self.layers is None:
+            chunk = {name: p[tasks] for name, p in self.stacked.items()}
+            return torch.func.vmap(self.fmodel)(chunk, obs)
+        h = obs.reshape(obs.shape[0], -1, obs.shape[-1])  # [k, episodes, d] for the batched matmuls
+        for w, b, relu in self.layers:
+            h = torch.baddbmm(self.stacked[b][tasks].unsqueeze(1), h, self.stacked[w][tasks].transpose(1, 2))
+            if relu:
+                h = torch.relu_(h)
+        mean = h.reshape(*obs.shape[:-1], h.shape[-1])
+        return mean, self.stacked["log_std"][tasks].view(-1, *[1] * (obs.dim() - 2), mean.shape[-1]).expand_as(mean)
 
 
 def log_prob(mean: Tensor, log_std: Tensor, actions: Tensor) -> Tensor:

@@ -8,7 +8,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..engine.functional import FunctionalModel, Params
 from .baseline import discounted_returns, fit_linear_baseline, gae
 from .navigation import NavigationBatch
 
@@ -27,14 +26,6 @@ class Episodes(NamedTuple):
     def returns(self) -> Tensor:
         """Undiscounted return of each trajectory ``[tasks, trajs]`` (the paper's metric)."""
         return (self.rewards * self.mask).sum(-1)
-
-
-def policy_fn(fmodel: FunctionalModel, params: Params | list[Params]) -> PolicyFn:
-    """The policy on ``obs [tasks, ...]``: one parameter set for all tasks, or one per task."""
-    if isinstance(params, dict):
-        return lambda obs: fmodel(params, obs)
-    stacked = {k: torch.stack([p[k] for p in params]) for k in params[0]}
-    return lambda obs: torch.func.vmap(fmodel)(stacked, obs)
 
 
 def task_noise(seeds: Tensor, shape: tuple, dtype=torch.float32, device="cpu") -> Tensor:

@@ -19,7 +19,8 @@ from ..engine.functional import FunctionalModel, Params
 from .config import RLEnvConfig
 from .families import MUJOCO, NAVIGATION
 from .navigation import NavigationBatch, sample_goals
-from .sampler import Episodes, policy_fn, rollout, task_noise
+from .policy import TaskPolicy
+from .sampler import Episodes, rollout, task_noise
 
 
 class NavigationTasks:
@@ -41,7 +42,7 @@ class NavigationTasks:
         scale = e.max_action if e.normalize_actions else 1.0
         batch = NavigationBatch(tasks, trajectories, e.max_action, e.goal_tolerance, self.oracle, scale)
         noise = task_noise(seeds, (trajectories, e.horizon, self.act_dim), tasks.dtype, tasks.device)
-        return rollout(policy_fn(fmodel, params), batch, noise)
+        return rollout(TaskPolicy(fmodel, params), batch, noise)
 
 
 class MujocoTasks:
