@@ -2,8 +2,9 @@
 
 A half-cheetah-shaped meta-batch (``--tasks`` × 20 trajectories × 200 steps, 17-dim observations,
 6-dim actions, 2×100 policy) of random data: time the policy outputs through the second-order
-inner step, the KL product set-up and ``--products`` products, for each strategy; and check that
-the strategies' products agree.
+inner step, the KL product set-up and ``--products`` products, for each strategy; check that
+the strategies' products agree; then time the product's ``J v`` by a backward pass (as
+``kl_hvp``) against forward mode.
 
 Usage:
     python benchmarks/trpo_strategies.py [--tasks 40] [--products 3] [--threads 1]
@@ -60,6 +61,33 @@ def main() -> None:
         print(f"| {strategy} | {t1 - t0:.2f} | {t2 - t1:.2f} | {(t3 - t2) / args.products:.2f} |", flush=True)
     diff = (products["loop"] - products["vmap"]).abs().max() / products["loop"].abs().max()
     print(f"\nthe two strategies' products agree to {diff:.1e} (relative to the largest element)")
+    forward_mode_jv(maml, data, v, args.products)
+
+
+def forward_mode_jv(maml, data, v, products: int) -> None:
+    """The alternative to ``kl_hvp``'s ``J v`` (a backward pass through ``J^T u`` with respect to
+    ``u``): forward mode, ``torch.func.jvp`` through the inner step (loop strategy)."""
+    from mamlkit.rl.trpo import MetaTRPO
+
+    trpo = MetaTRPO(maml, strategy="loop")
+    params = maml.params()
+    leaves = list(params.values())
+    outputs = trpo.policy_outputs(data, params, create_graph=True)
+    dummies = [torch.zeros_like(o, requires_grad=True) for o in outputs]
+    jt = torch.autograd.grad(outputs, leaves, dummies, create_graph=True)
+    vs = [x.view_as(p) for x, p in zip(torch.split(v, [p.numel() for p in leaves]), leaves)]
+    t0 = time.perf_counter()
+    for _ in range(products):
+        backward = torch.autograd.grad(jt, dummies, vs, retain_graph=True)
+    t1 = time.perf_counter()
+    detached = {k: p.detach() for k, p in params.items()}
+    tangents = dict(zip(params, vs))
+    for _ in range(products):
+        _, forward = torch.func.jvp(lambda p: trpo.policy_outputs(data, p, True), (detached,), (tangents,))
+    t2 = time.perf_counter()
+    diff = max(((x - y).abs().max() / x.abs().max()).item() for x, y in zip(backward, forward))
+    print(f"J v alone (loop): backward through J^T u {(t1 - t0) / products:.2f} s, "
+          f"forward mode (torch.func.jvp) {(t2 - t1) / products:.2f} s; they agree to {diff:.1e}")  # fmt: skip
 
 
 if __name__ == "__main__":
