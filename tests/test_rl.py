@@ -338,3 +338,22 @@ def test_trpo_never_runs_vmap_through_fused_normalisation():
     assert auto.strategy == "loop"
     with pytest.raises(ValueError, match="layer_norm"):
         MetaTRPO(maml, strategy="vmap").policy_outputs(data, maml.params(), create_graph=True)
+
+
+def test_return_plot_draws_the_papers_values_where_given():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mamlkit import plots
+
+    fig, ax = plt.subplots()
+    series = {"MAML": ([1.0, 2.0, 3.0, 4.0], [0.1] * 4), "oracle": ([5.0], [0.1])}
+    plots.steps_curves(ax, series, "return", reference={"MAML": [0.0, None, 2.5, 3.5], "oracle": [6.0]})
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["MAML (paper)"].get_xdata()) == [0, 2, 3]
+    assert list(lines["MAML (paper)"].get_ydata()) == [0.0, 2.5, 3.5]
+    assert lines["MAML (paper)"].get_color() == lines["MAML"].get_color()
+    assert list(lines["oracle (paper)"].get_ydata()) == [6.0, 6.0]
+    plt.close(fig)

@@ -31,11 +31,19 @@ def training_curves(run_dirs: dict[str, Path], path: Path, key: str = "loss", lo
     return save(fig, path)
 
 
-def steps_curves(ax, series: dict[str, tuple[list, list]], ylabel: str) -> None:
-    """Mean ± 95% CI against gradient steps; a single-point series is drawn as a flat line."""
+def steps_curves(
+    ax, series: dict[str, tuple[list, list]], ylabel: str, reference: dict[str, list] | None = None
+) -> None:
+    """Mean ± 95% CI against gradient steps; a single-point series is drawn as a flat line.
+    ``reference``: published values of some series (None where not given), dotted in the
+    series' colour and labelled "(paper)"."""
+    reference = reference or {}
     for label, (mean, ci) in series.items():
+        ref = reference.get(label)
         if len(mean) == 1:
             ax.axhline(mean[0], ls="--", color="k", label=label)
+            if ref and ref[0] is not None:
+                ax.axhline(ref[0], ls=":", color="k", label=f"{label} (paper)")
             continue
         steps = list(range(len(mean)))
         line = ax.plot(steps, mean, marker="o", ms=3, label=label)[0]
@@ -46,6 +54,9 @@ def steps_curves(ax, series: dict[str, tuple[list, list]], ylabel: str) -> None:
             color=line.get_color(),
             alpha=0.2,
         )
+        if ref:
+            known = [(i, v) for i, v in enumerate(ref[: len(mean)]) if v is not None]
+            ax.plot(*zip(*known), ls=":", marker="x", ms=4, color=line.get_color(), label=f"{label} (paper)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("number of gradient steps")
     ax.set_ylabel(ylabel)

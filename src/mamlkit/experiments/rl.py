@@ -193,8 +193,12 @@ def plot(run_dir: str | Path) -> list[Path]:
     results = read_eval(run_dir)
     models = results["models"]
     fig, ax = plt.subplots(figsize=(5, 4))
-    plots.steps_curves(ax, {MODELS[k]: (m["returns"], m["ci95"]) for k, m in models.items()}, "average return")
-    ax.set_title(results.get("env", "navigation2d"))
+    env = results.get("env", "navigation2d")
+    paper = {MODELS[k]: v for k, v in PAPER.get(env, {}).items() if k in models}
+    plots.steps_curves(
+        ax, {MODELS[k]: (m["returns"], m["ci95"]) for k, m in models.items()}, "average return", reference=paper
+    )
+    ax.set_title(f"{env} (dotted: the paper's)" if paper else env)
     out = [plots.save(fig, run_dir / "plots" / "return_vs_steps.png")]
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind in models:
