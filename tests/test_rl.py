@@ -281,6 +281,10 @@ def test_train_resume_eval_end_to_end(tmp_path):
     assert set(res["models"]) == {"maml", "pretrained", "oracle", "random"}
     assert len(res["models"]["maml"]["returns"]) == 3 and len(res["models"]["oracle"]["returns"]) == 1
     assert len(res["models"]["maml"]["per_task"]) == 4
+    per_task = torch.tensor(res["models"]["maml"]["per_task"])
+    gain, ci = res["models"]["maml"]["gain_after_step_1"]
+    assert gain == pytest.approx((per_task[:, -1] - per_task[:, 1]).mean().item()) and ci > 0
+    assert res["models"]["oracle"]["gain_after_step_1"] is None
     assert (out / "eval.md").exists()
     assert cli.main(["plot", str(out)]) == 0
     assert (out / "plots" / "return_vs_steps.png").exists()

@@ -141,6 +141,8 @@ def evaluate(
             )
         returns = adaptation_returns(learner, family, tasks, e.trajectories, steps, lrs, adv, g)
         mean, ci = mean_ci(returns.cpu())
+        # Does adapting further help? Paired over tasks, so the tasks' spread cancels.
+        gain = mean_ci(returns[:, -1] - returns[:, 1]) if steps >= 2 else None
         results["models"][kind] = {
             "iterations": iteration,
             "first_order": cfg.maml.first_order if kind == "maml" else None,
@@ -148,6 +150,7 @@ def evaluate(
             "tuning": tuning,
             "returns": mean.tolist(),
             "ci95": ci.tolist(),
+            "gain_after_step_1": [gain[0].item(), gain[1].item()] if gain else None,
             "per_task": returns.cpu().tolist(),
             "eval_s": time.perf_counter() - t0,
         }
@@ -169,17 +172,21 @@ def format_table(results: dict) -> str:
         f"Mean return on {e['num_tasks']} test tasks (± 95% CI over tasks), "
         f"{e['trajectories']} trajectories per step, {sizes}; "
         "the oracle takes no step. Paper: cbfinn/maml_rl result files.\n\n"
-        "| model | meta-iterations | step sizes | " + " | ".join(f"{s} steps" for s in range(steps)) + " |\n"
-        "|---|---|---|" + "---|" * steps + "\n"
+        "| model | meta-iterations | step sizes | "
+        + " | ".join(f"{s} steps" for s in range(steps))
+        + f" | {steps - 1} steps − 1 step (paired) |\n"
+        "|---|---|---|" + "---|" * (steps + 1) + "\n"
     )
     lines = []
     for kind, m in models.items():
         cells = [f"{r:.2f} ± {c:.2f}" for r, c in zip(m["returns"], m["ci95"])] + [""] * (steps - len(m["returns"]))
+        gain = m.get("gain_after_step_1")
+        cells.append(f"{gain[0]:+.2f} ± {gain[1]:.2f}" if gain else "")
         lrs = ", ".join(f"{x:g}" for x in m.get("inner_lrs", []))
         lines.append(f"| {MODELS[kind]} | {m['iterations']} | {lrs} | " + " | ".join(cells) + " |")
     for kind, ref in results.get("paper", {}).items():
         cells = ["–" if r is None else f"{r:g}" for r in ref[:steps]] + [""] * (steps - len(ref[:steps]))
-        lines.append(f"| paper: {MODELS[kind]} | 500 (max) | | " + " | ".join(cells) + " |")
+        lines.append(f"| paper: {MODELS[kind]} | 500 (max) | | " + " | ".join(cells) + " | |")
     return head + "\n".join(lines) + "\n"
 
 
