@@ -209,3 +209,25 @@ def test_task_family_builds_the_config_s_simulator():
         assert ep.obs.shape == (1, 2, 3, 17) and family._sim.dt == pytest.approx(dt)
     vel = make_tasks(RLEnvConfig(name="ant_vel", sim_threads=1)).sample(500, torch.Generator().manual_seed(0))
     assert 0 <= vel.min() and vel.max() <= 3 and vel.max() > 2.5
+
+
+def test_linear_baseline_is_rllabs_fit_and_the_same_on_every_call():
+    """Half-cheetah features make ill-conditioned normal equations (condition ~1e9): the fit must
+    agree with rllab's numpy least squares and give bit-identical values on every call, whatever
+    was allocated in between (torch's default CPU solver did not; RL amplified its last bits)."""
+    import numpy as np
+
+    from mamlkit.rl.baseline import discounted_returns, features, fit_linear_baseline
+
+    env = BatchedMujoco("halfcheetah_vel", 80, threads=1)
+    fm, params = policy(env.obs_dim, env.act_dim)
+    ep = batched_rollout(env, fm, params, torch.tensor([[0.3], [0.9], [1.4], [1.9]]), 20, 200, torch.arange(4))
+    returns = discounted_returns(ep.rewards, ep.mask, 0.99)
+    for obs, ret, mask in zip(ep.obs, returns, ep.mask):
+        first = fit_linear_baseline(obs, ret, mask)
+        f = features(obs.double()).reshape(-1, 2 * obs.shape[-1] + 4).numpy()
+        w = np.linalg.lstsq(f.T @ f + 1e-5 * np.eye(f.shape[1]), f.T @ ret.double().reshape(-1).numpy(), rcond=None)[0]
+        np.testing.assert_allclose(first.reshape(-1).numpy(), f @ w, rtol=0, atol=1e-3)
+        for k in range(30):
+            _ = [torch.empty(j * 13 + k) for j in range(20)]  # other allocations in between
+            assert torch.equal(fit_linear_baseline(obs.clone(), ret.clone(), mask), first)

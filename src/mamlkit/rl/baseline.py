@@ -42,15 +42,18 @@ def fit_linear_baseline(obs: Tensor, returns: Tensor, mask: Tensor, reg: float =
     """Ridge regression of returns on the features of one task's trajectories; returns the values.
 
     ``obs [trajs, time, d]``, ``returns`` and ``mask [trajs, time]``. As in rllab, the ridge
-    coefficient grows 10x while the solution is not finite.
+    coefficient grows 10x while the solution is not finite, and the normal equations are
+    solved by least squares through the SVD (LAPACK's gelsd, as numpy's ``lstsq`` in rllab), on
+    the CPU: torch's default CPU driver (gelsy) gave different last bits for the same input from
+    one call to the next on these ill-conditioned systems, which RL amplified into different runs.
     """
     f = features(obs.double())[mask.bool()]
     y = returns.double()[mask.bool()]
-    a, b = f.T @ f, f.T @ y
-    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    a, b = (f.T @ f).cpu(), (f.T @ y).cpu()
+    eye = torch.eye(a.shape[0], dtype=a.dtype)
     for _ in range(5):
-        w = torch.linalg.lstsq(a + reg * eye, b[:, None]).solution[:, 0]
+        w = torch.linalg.lstsq(a + reg * eye, b[:, None], driver="gelsd").solution[:, 0]
         if torch.isfinite(w).all():
             break
         reg *= 10
-    return (features(obs.double()) @ w).to(returns.dtype) * mask
+    return (features(obs.double()) @ w.to(obs.device)).to(returns.dtype) * mask
