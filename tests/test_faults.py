@@ -2,6 +2,7 @@
 
 Real processes and signals where it matters (a kill mid-run, a second writer)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -194,6 +195,22 @@ def test_corrupt_eval_json_names_the_file(tmp_path, capsys):
     (out / "eval.json").write_text("{not json")
     assert cli.main(["plot", str(out)]) == 2
     assert "eval.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_named_evaluation_keeps_the_default_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tmp_path, "--set", "train.iterations=5", "--set", "eval.num_tasks=5", "--set", "eval.shots=[5]") == 0
+    assert cli.main(["eval", str(out)]) == 0
+    default = (out / "eval.json").read_bytes()
+    assert cli.main(["eval", str(out), "--name", "k10", "--set", "eval.shots=[10]"]) == 0
+    assert (out / "eval.json").read_bytes() == default
+    assert list(json.loads((out / "eval-k10.json").read_text())["models"]["maml"]["shots"]) == ["10"]
+    assert "| MAML | 10 |" in (out / "eval-k10.md").read_text()
+    capsys.readouterr()
+    # A name that is not a plain file stem fails before the evaluation, and nothing is written.
+    assert cli.main(["eval", str(out), "--name", "../elsewhere"]) == 2
+    assert "--name '../elsewhere'" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("eval*")) == ["eval-k10.json", "eval-k10.md", "eval.json", "eval.md"]
 
 
 def test_damaged_metrics_csv_is_named_on_resume(tmp_path, capsys):

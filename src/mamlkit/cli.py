@@ -91,9 +91,10 @@ def cmd_eval(args) -> int:
         return 0
     run_dir = Path(args.run_dir)
     models = [m.strip() for m in args.models.split(",")] if args.models else None
-    results = _experiment_of(run_dir).evaluate(run_dir, device=args.device, overrides=args.set, models=models)
-    print((run_dir / "eval.md").read_text() if (run_dir / "eval.md").exists() else results)
-    print(f"written: {run_dir / 'eval.json'}, {run_dir / 'eval.md'}")
+    stem = runs.eval_stem(args.name)  # a bad name fails now, not after the evaluation
+    _experiment_of(run_dir).evaluate(run_dir, device=args.device, overrides=args.set, models=models, name=args.name)
+    print((run_dir / f"{stem}.md").read_text())
+    print(f"written: {run_dir / f'{stem}.json'}, {run_dir / f'{stem}.md'}")
     return 0
 
 
@@ -133,6 +134,11 @@ def parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="eval.KEY=VALUE", help="change an eval setting, e.g. eval.steps=5"
     )
     e.add_argument("--models", help="comma-separated models to evaluate (default: every model the run trained)")
+    e.add_argument(
+        "--name",
+        help="write eval-NAME.json and eval-NAME.md instead of eval.json and eval.md, keeping earlier evaluations "
+        "(`mamlkit plot` draws eval.json)",
+    )
     e.set_defaults(func=cmd_eval)
     pl = sub.add_parser("plot", help="draw a run's figures into RUN_DIR/plots/")
     pl.add_argument("run_dir")

@@ -157,8 +157,10 @@ def evaluate(
     progress: bool = True,
     overrides: list[str] = (),
     models: list[str] | None = None,
+    name: str | None = None,
 ) -> dict:
-    """Test accuracy (mean ± 95% CI) after 0..steps steps, per query protocol; writes eval.json/eval.md."""
+    """Test accuracy (mean ± 95% CI) after 0..steps steps, per query protocol; writes eval.json/eval.md
+    (``eval-NAME.*`` with ``name``)."""
     run_dir = Path(run_dir)
     if models:
         raise ValueError("a few-shot run trains one model; evaluate it without --models")
@@ -189,7 +191,7 @@ def evaluate(
         )
         mean, ci = mean_ci(acc * 100)
         results["protocols"][protocol] = {"query_per_class": q, "acc": mean.tolist(), "ci95": ci.tolist()}
-    write_eval(run_dir, results, format_table(results))
+    write_eval(run_dir, results, format_table(results), name)
     return results
 
 

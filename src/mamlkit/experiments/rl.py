@@ -114,10 +114,12 @@ def evaluate(
     progress: bool = True,
     overrides: list[str] = (),
     models: list[str] | None = None,
+    name: str | None = None,
 ) -> dict:
     """Returns on ``eval.num_tasks`` fixed test tasks after 0..``eval.steps`` gradient steps for each
     trained model (mean ± 95% CI over tasks); the oracle takes no step. With ``eval.tune_inner_lrs``
-    each model's step sizes are first chosen on validation tasks. Writes eval.json, eval.md."""
+    each model's step sizes are first chosen on validation tasks. Writes eval.json and eval.md
+    (``eval-NAME.*`` with ``name``)."""
     run_dir = Path(run_dir)
     kinds = trained_models(run_dir, MODELS, models)
     results: dict = {"models": {}}
@@ -154,7 +156,7 @@ def evaluate(
             "per_task": returns.cpu().tolist(),
             "eval_s": time.perf_counter() - t0,
         }
-    write_eval(run_dir, results, format_table(results))
+    write_eval(run_dir, results, format_table(results), name)
     return results
 
 

@@ -97,11 +97,12 @@ def evaluate(
     progress: bool = True,
     overrides: list[str] = (),
     models: list[str] | None = None,
+    name: str | None = None,
 ) -> dict:
     """MSE after 0..steps gradient steps on K-shot support sets, for each trained model.
 
     The pretrained model's step size is tuned per K on held-out tasks (mean MSE over steps
-    1..steps); the oracle needs no step. Writes ``eval.json`` and ``eval.md``.
+    1..steps); the oracle needs no step. Writes ``eval.json`` and ``eval.md`` (``eval-NAME.*`` with ``name``).
     """
     run_dir = Path(run_dir)
     kinds = trained_models(run_dir, KINDS, models)
@@ -133,7 +134,7 @@ def evaluate(
                 **({"lr_tuning": tuning} if tuning else {}),
             }
         results["models"][kind] = {"iterations": state["iteration"], "shots": per_k}
-    write_eval(run_dir, results, format_table(results))
+    write_eval(run_dir, results, format_table(results), name)
     return results
 
 

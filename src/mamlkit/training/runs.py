@@ -7,6 +7,7 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -163,12 +164,27 @@ def read_eval(run_dir: str | Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({e}); run `mamlkit eval {run_dir}` again to rewrite it") from None
 
 
-def write_eval(run_dir: str | Path, results: dict, table: str) -> None:
-    """A run's evaluation: ``eval.json`` (everything) and ``eval.md`` (the table)."""
-    run_dir = Path(run_dir)
+def eval_stem(name: str | None = None) -> str:
+    """The stem of an evaluation's files: ``eval`` (``eval.json``, ``eval.md``), or ``eval-NAME`` for
+    ``mamlkit eval --name NAME``, which keeps other settings' results beside the default ones."""
+    if name is None:
+        return "eval"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ValueError(
+            f"--name {name!r}: use letters, digits, '-', '_' or '.', "
+            "e.g. --name tuned-lrs (written as eval-tuned-lrs.json)"
+        )
+    return f"eval-{name}"
+
+
+def write_eval(run_dir: str | Path, results: dict, table: str, name: str | None = None) -> Path:
+    """A run's evaluation: ``eval.json`` (everything) and ``eval.md`` (the table), or ``eval-NAME.*``;
+    returns the JSON's path."""
+    run_dir, stem = Path(run_dir), eval_stem(name)
     try:
-        (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
-        (run_dir / "eval.md").write_text(table)
+        (run_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
+        (run_dir / f"{stem}.md").write_text(table)
     except OSError as e:  # a full disk or a read-only run: the results are not lost, they are shown
         print(table)
         raise OSError(f"could not write the evaluation into {run_dir} ({e.strerror}); its table is above") from e
+    return run_dir / f"{stem}.json"
