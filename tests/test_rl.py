@@ -1,6 +1,7 @@
 """RL: navigation dynamics, returns/GAE, the linear baseline, conjugate gradient, TRPO through the
 inner step (KL bound, Hessian-vector products, meta-gradient) and the experiment end to end."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -141,8 +142,9 @@ def test_gaussian_kl_and_log_prob():
     )
 
 
-def tiny_problem(first_order=False, dtype=torch.float64, tasks=3, seed=0):
-    """A float64 policy, a meta-batch sampled by the experiment's own functions, and MetaTRPO."""
+def tiny_problem(first_order=False, dtype=torch.float64, tasks=3, seed=0, ended=False):
+    """A float64 policy, a meta-batch sampled by the experiment's own functions, and MetaTRPO.
+    ``ended``: episodes end at random steps (as the ant's do), so TRPO must skip the padding."""
     torch.manual_seed(seed)
     policy = GaussianMLPPolicy(2, 2, (8, 8)).to(dtype)
     with torch.no_grad():  # zero biases put every ReLU exactly on its kink at the start state (0, 0)
@@ -156,11 +158,30 @@ def tiny_problem(first_order=False, dtype=torch.float64, tasks=3, seed=0):
     goals = sample_goals(tasks, g).to(dtype)
     seeds = torch.randint(2**30, (2, tasks), generator=g)
     data, _ = sample_meta_batch(maml, family, goals, 5, advantage_fn(0.99, 1.0, True, 1e-5), seeds)
+    if ended:
+        lengths = torch.randint(1, 13, (2, tasks, 5, 1), generator=g)
+        pre_mask, mask = (torch.arange(12) < lengths).to(dtype)
+        actions, adv, natural = data.pre_targets
+        pre_mask, mask = pre_mask * natural, mask * data.mask
+        data = dataclasses.replace(
+            data, pre_targets=(actions, adv * pre_mask, pre_mask), advantages=data.advantages * mask, mask=mask
+        )
+        assert 0.2 < mask.mean() < 0.8 and 0.2 < pre_mask.mean() < 0.8
+        # The post-update episodes' old policy: the one adapted on the shortened pre-update episodes.
+        with torch.no_grad():
+            old = [
+                maml(data.obs[i], maml.adapt(data.pre_obs[i], tuple(t[i] for t in data.pre_targets)))
+                for i in range(tasks)
+            ]
+        data = dataclasses.replace(
+            data, old_mean=torch.stack([m for m, _ in old]), old_log_std=torch.stack([s for _, s in old])
+        )
     return maml, trpo, data
 
 
-def test_kl_hvp_is_the_hessian_of_the_kl_through_the_inner_step():
-    maml, trpo, data = tiny_problem()
+@pytest.mark.parametrize("ended", [False, True])
+def test_kl_hvp_is_the_hessian_of_the_kl_through_the_inner_step(ended):
+    maml, trpo, data = tiny_problem(ended=ended)
     params = maml.params()
     leaves = list(params.values())
     _, kl_value = trpo.objectives(data, params, create_graph=True)
@@ -178,10 +199,12 @@ def test_kl_hvp_is_the_hessian_of_the_kl_through_the_inner_step():
     assert torch.allclose(shared(2 * v) - trpo.cg_damping * 2 * v, 2 * exact, rtol=1e-6, atol=1e-10)  # reusable
 
 
+@pytest.mark.parametrize("ended", [False, True])
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
-def test_batched_objectives_equal_a_loop_over_tasks(strategy):
-    """TRPO computes all tasks together; the same surrogate and KL, task by task, by hand."""
-    maml, trpo, data = tiny_problem(tasks=4)
+def test_batched_objectives_equal_a_loop_over_tasks(strategy, ended):
+    """TRPO computes all tasks together (the loop only on the steps before episodes ended); the
+    same surrogate and KL, task by task on the padded episodes, by hand."""
+    maml, trpo, data = tiny_problem(tasks=4, ended=ended)
     trpo.strategy = strategy
     params = maml.params()
     rng = torch.Generator().manual_seed(5)
@@ -202,10 +225,11 @@ def test_batched_objectives_equal_a_loop_over_tasks(strategy):
     assert kl_value > 0  # the shift moved the policy: the comparison is not of zeros
 
 
+@pytest.mark.parametrize("ended", [False, True])
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
-def test_meta_gradient_matches_finite_differences(strategy):
+def test_meta_gradient_matches_finite_differences(strategy, ended):
     """The surrogate's gradient through the inner step (second order) against central differences."""
-    maml, trpo, data = tiny_problem()
+    maml, trpo, data = tiny_problem(ended=ended)
     trpo.strategy = strategy
     params = maml.params()
     surr, _ = trpo.objectives(data, params, create_graph=True)
