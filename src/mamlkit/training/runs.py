@@ -177,9 +177,8 @@ def eval_stem(name: str | None = None) -> str:
     return f"eval-{name}"
 
 
-def write_eval(run_dir: str | Path, results: dict, table: str, name: str | None = None) -> Path:
-    """A run's evaluation: ``eval.json`` (everything) and ``eval.md`` (the table), or ``eval-NAME.*``;
-    returns the JSON's path."""
+def write_eval(run_dir: str | Path, results: dict, table: str, name: str | None = None) -> None:
+    """A run's evaluation: ``eval.json`` (everything) and ``eval.md`` (the table), or ``eval-NAME.*``."""
     run_dir, stem = Path(run_dir), eval_stem(name)
     try:
         (run_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
@@ -187,4 +186,3 @@ def write_eval(run_dir: str | Path, results: dict, table: str, name: str | None 
     except OSError as e:  # a full disk or a read-only run: the results are not lost, they are shown
         print(table)
         raise OSError(f"could not write the evaluation into {run_dir} ({e.strerror}); its table is above") from e
-    return run_dir / f"{stem}.json"
