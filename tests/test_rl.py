@@ -344,6 +344,31 @@ def test_eval_chooses_step_sizes_on_validation_tasks(tmp_path, capsys):
     assert "only eval.* settings change" in capsys.readouterr().err
 
 
+def test_eval_gives_each_model_its_own_step_sizes(tmp_path, capsys):
+    """``eval.model_inner_lrs`` gives the models it names their own step sizes (as the official
+    test scripts did): each model's returns equal an evaluation of that model alone with those
+    sizes as ``eval.inner_lrs``, and the others keep ``eval.inner_lrs``."""
+    out = tmp_path / "run"
+    args = ["train", "rl-navigation2d-tiny", "--out", str(out), "--quiet", "--set", "models=[maml,random]"]
+    assert cli.main(args) == 0
+    assert cli.main(["eval", str(out), "--set", "eval.model_inner_lrs={random: [1.5, 0.7]}", "--name", "mixed"]) == 0
+    mixed = json.loads((out / "eval-mixed.json").read_text())["models"]
+    assert mixed["random"]["inner_lrs"] == [1.5, 0.7] and mixed["maml"]["inner_lrs"] == [0.1, 0.05]
+    assert cli.main(["eval", str(out), "--models", "random", "--set", "eval.inner_lrs=[1.5, 0.7]", "--name", "r"]) == 0
+    assert cli.main(["eval", str(out), "--models", "maml", "--name", "m"]) == 0
+    for kind, name in (("random", "r"), ("maml", "m")):
+        alone = json.loads((out / f"eval-{name}.json").read_text())["models"][kind]
+        assert mixed[kind]["per_task"] == alone["per_task"], kind
+    assert "random [1.5, 0.7]" in (out / "eval-mixed.md").read_text()
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--set", "eval.model_inner_lrs={oracle: [0.1]}"]) == 2
+    assert "'oracle' is not a model that takes steps" in capsys.readouterr().err
+    assert cli.main(["eval", str(out), "--set", "eval.model_inner_lrs=[0.1]"]) == 2
+    assert "eval.model_inner_lrs: expected a mapping" in capsys.readouterr().err
+    assert cli.main(["eval", str(out), "--set", "eval.model_inner_lrs.random=[.nan]"]) == 2
+    assert "eval.model_inner_lrs.random: expected non-negative step sizes" in capsys.readouterr().err
+
+
 def test_trpo_never_runs_vmap_through_fused_normalisation():
     """A policy whose forward calls F.layer_norm: TRPO's auto strategy keeps the loop (vmap's
     second order is wrong there), an explicit vmap is refused."""

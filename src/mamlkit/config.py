@@ -310,6 +310,10 @@ def _coerce(key: str, value: Any, tp) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, e.g. {{name: value}}, got {value!r}")
+        return {_coerce(f"{key} (a key)", k, args[0]): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

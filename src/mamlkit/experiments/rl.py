@@ -134,7 +134,7 @@ def evaluate(
         g = torch.Generator(cfg.train.device).manual_seed(e.seed + 1)
         t0 = time.perf_counter()
         steps = 0 if kind == "oracle" else e.steps
-        lrs, tuning = list(e.inner_lrs), None
+        lrs, tuning = list(e.model_inner_lrs.get(kind, e.inner_lrs)), None
         if e.tune_inner_lrs and steps:
             val_tasks = family.sample(e.num_tasks, torch.Generator().manual_seed(e.tune_seed)).to(cfg.train.device)
             val_g = torch.Generator(cfg.train.device).manual_seed(e.tune_seed + 1)
@@ -168,7 +168,7 @@ def format_table(results: dict) -> str:
     sizes = (
         f"step sizes chosen among {e['tune_inner_lrs']} on {e['num_tasks']} validation tasks (seed {e['tune_seed']})"
         if e.get("tune_inner_lrs")
-        else f"step sizes {e['inner_lrs']}"
+        else f"step sizes {e['inner_lrs']}" + "".join(f", {k} {v}" for k, v in e.get("model_inner_lrs", {}).items())
     )
     head = (
         f"Mean return on {e['num_tasks']} test tasks (± 95% CI over tasks), "

@@ -93,6 +93,11 @@ class RLEvalConfig:
     steps: int = spec(3, low=0, doc="gradient steps at test (returns after 0..steps)")
     trajectories: int = spec(20, low=1, doc="trajectories per task per gradient step")
     inner_lrs: list[float] = spec([0.1, 0.05], doc="step sizes of steps 1, 2, ...; the last one repeats")
+    model_inner_lrs: dict[str, list[float]] = spec(
+        {},
+        doc="step sizes for some models instead of inner_lrs, e.g. {pretrained: [0.2, 0.1], random: [1.0, 0.5]} "
+        "(the official test scripts gave each model its own)",
+    )
     seed: int = spec(1000, doc="seed of the test tasks and of the action noise (shared by every model)")
     tune_inner_lrs: list[float] = spec(
         [],
@@ -154,3 +159,11 @@ class RLConfig:
             raise ConfigError("eval.tune_seed equals eval.seed: step sizes would be chosen on the test tasks")
         if not self.eval.inner_lrs or any(lr < 0 for lr in self.eval.inner_lrs):
             raise ConfigError(f"eval.inner_lrs: expected non-negative step sizes, got {self.eval.inner_lrs}")
+        stepping = [m for m in MODELS if m != "oracle"]  # the oracle is measured without a step
+        for model, lrs in self.eval.model_inner_lrs.items():
+            if model not in stepping:
+                raise ConfigError(
+                    f"eval.model_inner_lrs: {model!r} is not a model that takes steps; use {', '.join(stepping)}"
+                )
+            if not lrs or any(not 0 <= lr < float("inf") for lr in lrs):
+                raise ConfigError(f"eval.model_inner_lrs.{model}: expected non-negative step sizes, got {lrs}")
