@@ -2,6 +2,7 @@
 process counts, and a rank that dies ends the run resumably. Real processes on gloo."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,6 +107,31 @@ def test_a_rank_that_dies_ends_the_run_and_it_resumes(tmp_path):
     )
     assert "trained:" in resumed
     assert torch.load(checkpoint, weights_only=False)["iteration"] == done + 10
+
+
+def test_ctrl_c_to_torchrun_saves_the_iteration_the_ranks_stopped_at(tmp_path):
+    """SIGINT to the torchrun launcher alone (as Ctrl-C in its terminal): it passes the signal to
+    the ranks, which stop after the same iteration; rank 0 saves it, not only the last periodic
+    checkpoint, and the run resumes from there."""
+    args = ["train", *SINUSOID, "--out", "run", "--set", "train.iterations=100000", "--set", "train.threads=1"]
+    p = mamlkit(args, procs=2, cwd=tmp_path, start_new_session=True)
+    checkpoint = tmp_path / "run/maml/checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    assert checkpoint.exists(), p.communicate()[0]
+    time.sleep(1.0)
+    os.kill(p.pid, signal.SIGINT)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode != 0
+    stops = re.findall(r"stopped at iteration (\d+); checkpoint saved", out)
+    assert len(stops) == 1, out[-3000:]  # rank 0 alone reports
+    saved = torch.load(checkpoint, weights_only=False)["iteration"]
+    assert saved == int(stops[0])
+    resumed = run(
+        ["train", *SINUSOID, "--out", "run", "--resume", "--set", f"train.iterations={saved + 5}"], cwd=tmp_path
+    )
+    assert f"resuming from iteration {saved}" in resumed and "trained:" in resumed
 
 
 def test_two_processes_reproduce_one_for_meta_rl(tmp_path):

@@ -296,7 +296,8 @@ class Trainer:
                             log.log(it, **window.flush())
                         self.save()
                         why = "time limit reached" if time.monotonic() > self.deadline else "stopped"
-                        bar.write(f"{why} at iteration {it}; checkpoint saved to {self.checkpoint_path} (--resume)")
+                        if main:  # the rank that saved it
+                            bar.write(f"{why} at iteration {it}; checkpoint saved to {self.checkpoint_path} (--resume)")
                         return False
         finally:
             bar.close()
