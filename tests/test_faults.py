@@ -148,6 +148,12 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_does_not_block(tmp_path
     second = start([*args, "--resume"], tmp_path)
     out, _ = second.communicate(timeout=120)
     assert second.returncode == 2 and f"in use by process {first.pid}" in out, out
+    # Evaluating a run that is still training is allowed, and says so.
+    evaluation = start(
+        ["eval", "run", "--set", "eval.num_tasks=5", "--set", "eval.shots=[5]", "--name", "mid"], tmp_path
+    )
+    out, _ = evaluation.communicate(timeout=300)
+    assert evaluation.returncode == 0 and f"is still training (process {first.pid}" in out, out
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
     third = start([*args, "--resume", "--set", "train.iterations=40"], tmp_path)
@@ -156,6 +162,45 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_does_not_block(tmp_path
 
 
 # -- evaluation ---------------------------------------------------------------------------------------
+
+
+def test_devices_are_checked_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tmp_path, "--set", "train.iterations=2", "--set", "eval.num_tasks=3") == 0
+    assert cli.main(["train", "sinusoid", "--out", str(tmp_path / "gpu"), *FAST, "--set", "train.device=gpu"]) == 2
+    assert "train.device: 'gpu' is not a torch device; use cpu, cuda, cuda:N or auto" in capsys.readouterr().err
+    assert cli.main(["eval", str(out), "--device", "gpu"]) == 2
+    assert "--device: 'gpu' is not a torch device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["eval", str(out), "--device", "cuda"]) == 2
+        assert "--device=cuda but no CUDA GPU is visible; use cpu or auto" in capsys.readouterr().err
+        saved = out / "config.yaml"
+        saved.write_text(saved.read_text().replace("device: cpu", "device: cuda"))
+        assert cli.main(["eval", str(out)]) == 2
+        assert "trained on cuda, and no CUDA GPU is visible here; add --device cpu" in capsys.readouterr().err
+        assert cli.main(["eval", str(out), "--device", "cpu", "--set", "eval.num_tasks=3"]) == 0
+
+
+def test_a_config_file_must_say_what_it_is(tmp_path, capsys):
+    """An empty file, or one without ``base:`` or ``experiment:``, is refused instead of running
+    the sinusoid defaults; on --resume, a config argument the run was not made from is named."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("train:\n  iterations: 5\n")
+    for path in (empty, bare):
+        assert cli.main(["train", str(path), "--out", str(tmp_path / path.stem), "--quiet"]) == 2
+        assert "names no experiment: start it with `base: PRESET`" in capsys.readouterr().err
+        assert not (tmp_path / path.stem).exists()
+    assert train(tmp_path, "--set", "train.iterations=2") == 0
+    capsys.readouterr()
+    args = ["train", "rl-navigation2d-tiny", "--out", str(tmp_path / "run"), "--resume", "--quiet"]
+    assert cli.main([*args, "--set", "train.iterations=3"]) == 0
+    said = capsys.readouterr().out
+    assert "was not made from 'rl-navigation2d-tiny'" in said and "resuming from iteration 2" in said
+    assert torch.load(tmp_path / "run/maml/checkpoint.pt", weights_only=False)["iteration"] == 3
+    assert cli.main(["train", "sinusoid", *args[2:]]) == 0  # the run's own preset: nothing to say
+    assert "not made from" not in capsys.readouterr().out
 
 
 def test_eval_refuses_to_drop_a_model_silently(tmp_path, capsys):

@@ -360,6 +360,9 @@ def test_eval_gives_each_model_its_own_step_sizes(tmp_path, capsys):
         alone = json.loads((out / f"eval-{name}.json").read_text())["models"][kind]
         assert mixed[kind]["per_task"] == alone["per_task"], kind
     assert "random [1.5, 0.7]" in (out / "eval-mixed.md").read_text()
+    # A schedule longer than the steps (the tiny preset takes 2): the sizes used are reported.
+    assert cli.main(["eval", str(out), "--set", "eval.inner_lrs=[0.1, 0.05, 0.01, 0.3]", "--name", "long"]) == 0
+    assert json.loads((out / "eval-long.json").read_text())["models"]["maml"]["inner_lrs"] == [0.1, 0.05]
     capsys.readouterr()
     assert cli.main(["eval", str(out), "--set", "eval.model_inner_lrs={oracle: [0.1]}"]) == 2
     assert "'oracle' is not a model that takes steps" in capsys.readouterr().err

@@ -69,6 +69,8 @@ def test_mean_ci():
     mean, ci = mean_ci(values)
     assert mean.item() == pytest.approx(2.5)
     assert ci.item() == pytest.approx(1.96 * values.std().item() / 2)
+    mean, ci = mean_ci(torch.tensor([3.0]))  # one value: no interval, not a zero-width one
+    assert mean.item() == 3.0 and math.isnan(ci.item())
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -23,6 +23,20 @@ def _experiment_of(run_dir: Path):
     return experiments.get(config_lib.load_raw(str(cfg_path)).get("experiment", "sinusoid"))
 
 
+def _note_other_config(name: str, saved: dict, out: Path) -> None:
+    """On --resume the run's own config.yaml is what continues; say so when ``name`` (the config
+    argument) is not what the run was made from, as far as its description tells."""
+    try:
+        given = config_lib.load_raw(name).get("description")
+    except (ValueError, OSError):
+        given = None  # not a config at all: the argument is not used on --resume anyway
+    if given != saved.get("description"):
+        print(
+            f"note: {out} was not made from {name!r} (its description: {saved.get('description')!r}); "
+            f"--resume continues it as its config.yaml says, and {name!r} is not used"
+        )
+
+
 def cmd_presets(args) -> int:
     if args.name:
         raw = config_lib.load_raw(args.name)
@@ -54,13 +68,13 @@ def cmd_train(args) -> int:
         if not saved.is_file():
             raise FileNotFoundError(f"{out} holds no run to resume (no config.yaml); start it without --resume")
         raw = config_lib.load_raw(str(saved))
+        _note_other_config(args.config, raw, out)
         cfg = experiments.build_config(config_lib.apply_overrides(copy.deepcopy(raw), args.set))
         # Nothing is written until the resume is known to continue the same experiment.
         changes = runs.check_resume(config_lib.to_dict(experiments.build_config(raw)), config_lib.to_dict(cfg))
     else:
         cfg = experiments.build_config(config_lib.apply_overrides(config_lib.load_raw(args.config), args.set))
-    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={cfg.train.device} but no CUDA GPU is visible; use train.device=cpu or auto")
+    config_lib.check_device(cfg.train.device, "train.device", present=True)
     exp = experiments.get(cfg.experiment)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.train.device.startswith("cuda:"):
         raise ValueError(
@@ -92,7 +106,17 @@ def cmd_eval(args) -> int:
     run_dir = Path(args.run_dir)
     models = [m.strip() for m in args.models.split(",")] if args.models else None
     stem = runs.eval_stem(args.name)  # a bad name fails now, not after the evaluation
-    _experiment_of(run_dir).evaluate(run_dir, device=args.device, overrides=args.set, models=models, name=args.name)
+    exp = _experiment_of(run_dir)
+    if args.device:
+        config_lib.check_device(args.device, "--device", present=True)
+    else:
+        trained_on = str(config_lib.load_raw(str(run_dir / "config.yaml")).get("train", {}).get("device", "cpu"))
+        if trained_on.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"{run_dir} trained on {trained_on}, and no CUDA GPU is visible here; add --device cpu")
+    holder = runs.holder(run_dir)
+    if holder:
+        print(f"note: {run_dir} is still training ({holder}); evaluating the checkpoints it has written so far")
+    exp.evaluate(run_dir, device=args.device, overrides=args.set, models=models, name=args.name)
     print((run_dir / f"{stem}.md").read_text())
     print(f"written: {run_dir / f'{stem}.json'}, {run_dir / f'{stem}.md'}")
     return 0

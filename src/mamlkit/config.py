@@ -241,6 +241,21 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def check_device(device: str, key: str, present: bool = False) -> None:
+    """Refuse a ``device`` string torch cannot parse, and with ``present`` a CUDA device on a
+    machine without one, naming ``key`` (the setting or option it came from)."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{key}: {device!r} is not a torch device; use cpu, cuda, cuda:N or auto") from None
+    if present and kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={device} but no CUDA GPU is visible; use cpu or auto")
+
+
 def build(cls: type, raw: dict):
     """Validate a raw dict into the config dataclass ``cls`` (its ``check()`` included). Keys that
     ``cls.RETIRED`` lists (settings earlier versions had) are dropped with a warning."""
@@ -248,6 +263,8 @@ def build(cls: type, raw: dict):
     cfg = _from_dict(cls, raw, "")
     if hasattr(cfg, "check"):
         cfg.check()
+    if isinstance(getattr(getattr(cfg, "train", None), "device", None), str):
+        check_device(cfg.train.device, "train.device")
     if getattr(getattr(cfg, "train", None), "device", None) == "auto":
         import torch
 

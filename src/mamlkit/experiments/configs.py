@@ -131,7 +131,12 @@ CONFIGS: dict[str, type] = {"sinusoid": SinusoidConfig, "fewshot": FewShotConfig
 
 def build_config(raw: dict):
     """A validated experiment config from a raw dict (its ``experiment`` key picks the class)."""
-    name = raw.get("experiment", "sinusoid")
+    if "experiment" not in raw:
+        raise ConfigError(
+            "the config names no experiment: start it with `base: PRESET` (a preset to build on, e.g. "
+            f"`base: sinusoid`; `mamlkit presets` lists them) or `experiment: {' | '.join(sorted(CONFIGS))}`"
+        )
+    name = raw["experiment"]
     if name not in CONFIGS:
         raise ConfigError(f"experiment: {name!r} not allowed; choose from {sorted(CONFIGS)}")
     return build(CONFIGS[name], raw)

@@ -148,7 +148,7 @@ def evaluate(
         results["models"][kind] = {
             "iterations": iteration,
             "first_order": cfg.maml.first_order if kind == "maml" else None,
-            "inner_lrs": lrs if steps else [],
+            "inner_lrs": [lrs[min(i, len(lrs) - 1)] for i in range(steps)],  # as used: the last repeats
             "tuning": tuning,
             "returns": mean.tolist(),
             "ci95": ci.tolist(),

@@ -70,6 +70,22 @@ def lock(run_dir: Path) -> None:
     _held[run_dir] = fd
 
 
+def holder(run_dir: Path) -> str | None:
+    """Who holds ``run_dir``'s lock (a run training in it), or None."""
+    path = Path(run_dir) / LOCK
+    if not path.exists() or Path(run_dir).resolve() in _held:  # not held, or held by this process
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
+
+
 def changed_settings(saved: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
     """``{key: (saved value, new value)}`` for every setting that differs between two config dicts."""
     out = {}
