@@ -51,7 +51,10 @@ def cmd_presets(args) -> int:
                 "tag:yaml.org,2002:seq", v, flow_style=not any(isinstance(x, list | dict) for x in v)
             ),
         )
-        print(f"# {args.name}, resolved (its base presets merged in); `--set` applies on top of this")
+        print(
+            f"# {args.name}, its base presets merged in; settings not listed take their defaults (a run's "
+            "config.yaml lists every one); `--set` applies on top of this"
+        )
         print(yaml.dump(raw, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=1000), end="")
         return 0
     for name in config_lib.preset_names():

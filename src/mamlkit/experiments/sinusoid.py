@@ -168,9 +168,15 @@ def format_table(results: dict, steps_shown=(0, 1, 5, 10)) -> str:
         for k, r in res["shots"].items()
         if r.get("diverged_tasks")
     ]
-    n_tasks = results["eval"]["num_tasks"]
+    e = results["eval"]
+    tuned = (
+        f"; the pretrained baseline's step size is chosen for each K among {e['tune_lrs']} on "
+        f"{e['tune_tasks']} held-out tasks (lowest mean MSE over the steps)"
+        if "pretrained" in results["models"]
+        else ""
+    )
     head = (
-        f"MSE on {n_tasks} test tasks (mean ± 95% CI); the oracle takes no steps.\n\n"
+        f"MSE on {e['num_tasks']} test tasks (mean ± 95% CI); the oracle takes no steps{tuned}.\n\n"
         "| model | K | step size | " + " | ".join(f"{s} steps" for s in steps_shown) + " |\n"
         "|---|---|---|" + "---|" * len(steps_shown) + "\n"
     )
