@@ -281,7 +281,7 @@ def test_config_registered_and_checked():
         load_config("rl-navigation2d-tiny", ["maml.compile=true", "maml.autocast=bf16"])
 
 
-def test_train_resume_eval_end_to_end(tmp_path):
+def test_train_resume_eval_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["train", "rl-navigation2d-tiny", "--out", str(out), "--quiet"]) == 0
     assert cli.main(["train", "rl-navigation2d-tiny", "--out", str(out), "--quiet"]) == 2  # exists: no overwrite
@@ -312,6 +312,17 @@ def test_train_resume_eval_end_to_end(tmp_path):
     assert (out / "eval.md").exists()
     assert cli.main(["plot", str(out)]) == 0
     assert (out / "plots" / "return_vs_steps.png").exists()
+    assert "note:" not in capsys.readouterr().out
+    # Trained on after the evaluation: plotting the old eval.json says so.
+    assert (
+        cli.main(
+            ["train", "rl-navigation2d-tiny", "--out", str(out), "--quiet", "--resume", "--set", "train.iterations=3"]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert cli.main(["plot", str(out)]) == 0
+    assert "maml at iteration 2 (its checkpoint is now at 3)" in capsys.readouterr().out
 
 
 def test_time_limit_stops_with_a_resumable_checkpoint(tmp_path):

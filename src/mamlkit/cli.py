@@ -127,7 +127,12 @@ def cmd_eval(args) -> int:
 
 def cmd_plot(args) -> int:
     run_dir = Path(args.run_dir)
-    for path in _experiment_of(run_dir).plot(run_dir):
+    exp = _experiment_of(run_dir)
+    stale = runs.stale_models(run_dir, runs.read_eval(run_dir))
+    if stale:
+        which = ", ".join(f"{k} at iteration {a} (its checkpoint is now at {b})" for k, (a, b) in stale.items())
+        print(f"note: eval.json evaluated {which}; `mamlkit eval {run_dir}` first to plot the current models")
+    for path in exp.plot(run_dir):
         print(f"written: {path}")
     return 0
 

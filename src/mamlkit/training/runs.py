@@ -180,6 +180,21 @@ def read_eval(run_dir: str | Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({e}); run `mamlkit eval {run_dir}` again to rewrite it") from None
 
 
+def stale_models(run_dir: str | Path, results: dict) -> dict[str, tuple[int, int]]:
+    """``{model: (iteration evaluated, iteration of its checkpoint now)}`` for the models of an
+    evaluation whose checkpoints have trained on since (a resume after ``mamlkit eval``)."""
+    import torch
+
+    stale = {}
+    for kind, m in results.get("models", {}).items():
+        path = Path(run_dir) / kind / "checkpoint.pt"
+        if isinstance(m, dict) and isinstance(m.get("iterations"), int) and path.exists():
+            now = torch.load(path, map_location="cpu", weights_only=False).get("iteration")
+            if isinstance(now, int) and now != m["iterations"]:
+                stale[kind] = (m["iterations"], now)
+    return stale
+
+
 def eval_stem(name: str | None = None) -> str:
     """The stem of an evaluation's files: ``eval`` (``eval.json``, ``eval.md``), or ``eval-NAME`` for
     ``mamlkit eval --name NAME``, which keeps other settings' results beside the default ones."""
