@@ -171,6 +171,10 @@ def test_devices_are_checked_before_anything_runs(tmp_path, capsys):
     assert "train.device: 'gpu' is not a torch device; use cpu, cuda, cuda:N or auto" in capsys.readouterr().err
     assert cli.main(["eval", str(out), "--device", "gpu"]) == 2
     assert "--device: 'gpu' is not a torch device" in capsys.readouterr().err
+    assert cli.main(["eval", str(out), "--device", "auto", "--set", "eval.num_tasks=3", "--name", "auto"]) == 0
+    assert (out / "eval-auto.json").exists()
+    assert cli.main(["eval", str(out), "--device", "gpu"]) == 2
+    assert "--device: 'gpu' is not a torch device" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert cli.main(["eval", str(out), "--device", "cuda"]) == 2
         assert "--device=cuda but no CUDA GPU is visible; use cpu or auto" in capsys.readouterr().err
@@ -197,10 +201,14 @@ def test_a_config_file_must_say_what_it_is(tmp_path, capsys):
     args = ["train", "rl-navigation2d-tiny", "--out", str(tmp_path / "run"), "--resume", "--quiet"]
     assert cli.main([*args, "--set", "train.iterations=3"]) == 0
     said = capsys.readouterr().out
-    assert "was not made from 'rl-navigation2d-tiny'" in said and "resuming from iteration 2" in said
+    assert "is a sinusoid run, not made from 'rl-navigation2d-tiny'" in said and "resuming from iteration 2" in said
     assert torch.load(tmp_path / "run/maml/checkpoint.pt", weights_only=False)["iteration"] == 3
-    assert cli.main(["train", "sinusoid", *args[2:]]) == 0  # the run's own preset: nothing to say
-    assert "not made from" not in capsys.readouterr().out
+    same = ["train", "sinusoid", "--out", str(tmp_path / "run"), "--resume", *FAST]
+    assert cli.main([*same, "--set", "train.iterations=3"]) == 0  # what it was made from: nothing to say
+    assert "note:" not in capsys.readouterr().out
+    assert cli.main(same) == 0  # without the --set it started with: the run keeps its 3 iterations
+    said = capsys.readouterr().out
+    assert "differs from 'sinusoid' (train.iterations: 3 here, 70000 in sinusoid)" in said, said
 
 
 def test_eval_refuses_to_drop_a_model_silently(tmp_path, capsys):

@@ -156,6 +156,8 @@ def test_miniimagenet_pipeline_runs_on_fake_pickles(tmp_path):
     ]
     args = ["train", "miniimagenet-5way-1shot", "--out", str(run), "--quiet"] + [a for s in sets for a in ("--set", s)]
     assert cli.main(args) == 0
+    assert cli.main(["plot", str(run)]) == 0  # before any evaluation: the learning curves alone
+    assert (run / "plots" / "training_loss.png").exists() and not (run / "plots" / "accuracy_vs_steps.png").exists()
     assert cli.main(["eval", str(run)]) == 0
     results = json.loads((run / "eval.json").read_text())
     assert set(results["protocols"]) == {"paper", "modern"}

@@ -23,17 +23,30 @@ def _experiment_of(run_dir: Path):
     return experiments.get(config_lib.load_raw(str(cfg_path)).get("experiment", "sinusoid"))
 
 
-def _note_other_config(name: str, saved: dict, out: Path) -> None:
-    """On --resume the run's own config.yaml is what continues; say so when ``name`` (the config
-    argument) is not what the run was made from, as far as its description tells."""
+def _note_other_config(name: str, saved: dict, overrides: list[str], out: Path) -> None:
+    """On --resume the run's own config.yaml is what continues: say where the config argument
+    ``name`` (with the same ``--set``) would differ from it (its description aside)."""
+    if int(os.environ.get("RANK", "0")):
+        return
     try:
-        given = config_lib.load_raw(name).get("description")
+        given = experiments.build_config(config_lib.apply_overrides(config_lib.load_raw(name), list(overrides)))
     except (ValueError, OSError):
-        given = None  # not a config at all: the argument is not used on --resume anyway
-    if given != saved.get("description"):
+        return  # not a config that builds: the argument is not used on --resume anyway
+    run = experiments.build_config(config_lib.apply_overrides(copy.deepcopy(saved), list(overrides)))
+    if given.experiment != run.experiment:
         print(
-            f"note: {out} was not made from {name!r} (its description: {saved.get('description')!r}); "
-            f"--resume continues it as its config.yaml says, and {name!r} is not used"
+            f"note: {out} is a {run.experiment} run, not made from {name!r}; "
+            "--resume continues it as its config.yaml says"
+        )
+        return
+    diff = runs.changed_settings(config_lib.to_dict(run), config_lib.to_dict(given))
+    diff.pop("description", None)
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} here, {b!r} in {name}" for k, (a, b) in list(diff.items())[:6])
+        more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
+        print(
+            f"note: {out}/config.yaml differs from {name!r} ({shown}{more}); --resume continues it as its "
+            "config.yaml says (`--set KEY=VALUE` changes what a resume may change)"
         )
 
 
@@ -71,7 +84,7 @@ def cmd_train(args) -> int:
         if not saved.is_file():
             raise FileNotFoundError(f"{out} holds no run to resume (no config.yaml); start it without --resume")
         raw = config_lib.load_raw(str(saved))
-        _note_other_config(args.config, raw, out)
+        _note_other_config(args.config, raw, args.set, out)
         cfg = experiments.build_config(config_lib.apply_overrides(copy.deepcopy(raw), args.set))
         # Nothing is written until the resume is known to continue the same experiment.
         changes = runs.check_resume(config_lib.to_dict(experiments.build_config(raw)), config_lib.to_dict(cfg))
@@ -110,6 +123,8 @@ def cmd_eval(args) -> int:
     models = [m.strip() for m in args.models.split(",")] if args.models else None
     stem = runs.eval_stem(args.name)  # a bad name fails now, not after the evaluation
     exp = _experiment_of(run_dir)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device:
         config_lib.check_device(args.device, "--device", present=True)
     else:
@@ -128,7 +143,7 @@ def cmd_eval(args) -> int:
 def cmd_plot(args) -> int:
     run_dir = Path(args.run_dir)
     exp = _experiment_of(run_dir)
-    stale = runs.stale_models(run_dir, runs.read_eval(run_dir))
+    stale = runs.stale_models(run_dir, runs.read_eval(run_dir)) if (run_dir / "eval.json").exists() else {}
     if stale:
         which = ", ".join(f"{k} at iteration {a} (its checkpoint is now at {b})" for k, (a, b) in stale.items())
         print(f"note: eval.json evaluated {which}; `mamlkit eval {run_dir}` first to plot the current models")
