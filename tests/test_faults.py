@@ -209,6 +209,7 @@ def test_a_config_file_must_say_what_it_is(tmp_path, capsys):
     assert cli.main(same) == 0  # without the --set it started with: the run keeps its 3 iterations
     said = capsys.readouterr().out
     assert "differs from 'sinusoid' (train.iterations: 3 here, 70000 in sinusoid)" in said, said
+    assert "maml: already trained, 3 of 3 iterations; nothing to do" in said, said
 
 
 def test_eval_refuses_to_drop_a_model_silently(tmp_path, capsys):

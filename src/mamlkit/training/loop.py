@@ -241,7 +241,12 @@ class Trainer:
                 )
             self.restore()
             if distributed.is_main():
-                print(f"{self.name}: resuming from iteration {self.iteration} ({self.checkpoint_path})")
+                done = self.iteration >= self.iterations
+                print(
+                    f"{self.name}: already trained, {self.iteration} of {self.iterations} iterations; nothing to do"
+                    if done
+                    else f"{self.name}: resuming from iteration {self.iteration} ({self.checkpoint_path})"
+                )
         if self.iteration >= self.iterations:
             if not exists:  # nothing to train (the random-init baseline)
                 self.save()
