@@ -54,6 +54,17 @@ def assert_close(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def start_until_checkpoint(args: list[str], tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """Two ranks training into ``tmp_path/run``, returned once the first checkpoint is written."""
+    p = mamlkit(args, procs=2, cwd=tmp_path, start_new_session=True)
+    checkpoint = tmp_path / "run/maml/checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    assert checkpoint.exists(), p.communicate()[0]
+    return p, checkpoint
+
+
 def test_shard_splits_evenly_and_refuses_empty_ranks(monkeypatch):
     for world, n in [(2, 5), (3, 7), (4, 4), (1, 3)]:
         monkeypatch.setattr(distributed, "world_size", lambda w=world: w)
@@ -87,12 +98,7 @@ def test_two_processes_reproduce_one_and_resume_across_counts(tmp_path):
 
 def test_a_rank_that_dies_ends_the_run_and_it_resumes(tmp_path):
     args = ["train", *SINUSOID, "--out", "run", "--set", "train.iterations=100000", "--set", "train.threads=1"]
-    p = mamlkit(args, procs=2, cwd=tmp_path, start_new_session=True)
-    checkpoint = tmp_path / "run/maml/checkpoint.pt"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and time.monotonic() < deadline and p.poll() is None:
-        time.sleep(0.2)
-    assert checkpoint.exists(), p.communicate()[0]
+    p, checkpoint = start_until_checkpoint(args, tmp_path)
     # The worker processes are torchrun's children; kill the one with the highest pid (a rank).
     children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
     assert len(children) == 2, children
@@ -114,12 +120,7 @@ def test_ctrl_c_to_torchrun_saves_the_iteration_the_ranks_stopped_at(tmp_path):
     the ranks, which stop after the same iteration; rank 0 saves it, not only the last periodic
     checkpoint, and the run resumes from there."""
     args = ["train", *SINUSOID, "--out", "run", "--set", "train.iterations=100000", "--set", "train.threads=1"]
-    p = mamlkit(args, procs=2, cwd=tmp_path, start_new_session=True)
-    checkpoint = tmp_path / "run/maml/checkpoint.pt"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and time.monotonic() < deadline and p.poll() is None:
-        time.sleep(0.2)
-    assert checkpoint.exists(), p.communicate()[0]
+    p, checkpoint = start_until_checkpoint(args, tmp_path)
     time.sleep(1.0)
     os.kill(p.pid, signal.SIGINT)
     out, _ = p.communicate(timeout=300)

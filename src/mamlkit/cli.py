@@ -16,23 +16,28 @@ from . import distributed, experiments
 from .training import runs
 
 
-def _experiment_of(run_dir: Path):
+def _run_config(run_dir: Path) -> dict:
+    """A run directory's ``config.yaml``, raw."""
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a run directory made by `mamlkit train`?")
-    return experiments.get(config_lib.load_raw(str(cfg_path)).get("experiment", "sinusoid"))
+    return config_lib.load_raw(str(cfg_path))
 
 
-def _note_other_config(name: str, saved: dict, overrides: list[str], out: Path) -> None:
-    """On --resume the run's own config.yaml is what continues: say where the config argument
-    ``name`` (with the same ``--set``) would differ from it (its description aside)."""
+def _experiment_of(raw: dict):
+    return experiments.get(raw.get("experiment", "sinusoid"))
+
+
+def _note_other_config(name: str, run, overrides: list[str], out: Path) -> None:
+    """On --resume the run's own config.yaml (``run``, built with ``--set``) is what continues:
+    say where the config argument ``name`` (with the same ``--set``) would differ from it (its
+    description aside)."""
     if int(os.environ.get("RANK", "0")):
         return
     try:
         given = experiments.build_config(config_lib.apply_overrides(config_lib.load_raw(name), list(overrides)))
     except (ValueError, OSError):
         return  # not a config that builds: the argument is not used on --resume anyway
-    run = experiments.build_config(config_lib.apply_overrides(copy.deepcopy(saved), list(overrides)))
     if given.experiment != run.experiment:
         print(
             f"note: {out} is a {run.experiment} run, not made from {name!r}; "
@@ -84,8 +89,8 @@ def cmd_train(args) -> int:
         if not saved.is_file():
             raise FileNotFoundError(f"{out} holds no run to resume (no config.yaml); start it without --resume")
         raw = config_lib.load_raw(str(saved))
-        _note_other_config(args.config, raw, args.set, out)
         cfg = experiments.build_config(config_lib.apply_overrides(copy.deepcopy(raw), args.set))
+        _note_other_config(args.config, cfg, args.set, out)
         # Nothing is written until the resume is known to continue the same experiment.
         changes = runs.check_resume(config_lib.to_dict(experiments.build_config(raw)), config_lib.to_dict(cfg))
     else:
@@ -122,19 +127,19 @@ def cmd_eval(args) -> int:
     run_dir = Path(args.run_dir)
     models = [m.strip() for m in args.models.split(",")] if args.models else None
     stem = runs.eval_stem(args.name)  # a bad name fails now, not after the evaluation
-    exp = _experiment_of(run_dir)
+    raw = _run_config(run_dir)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device:
         config_lib.check_device(args.device, "--device", present=True)
     else:
-        trained_on = str(config_lib.load_raw(str(run_dir / "config.yaml")).get("train", {}).get("device", "cpu"))
+        trained_on = str(raw.get("train", {}).get("device", "cpu"))
         if trained_on.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"{run_dir} trained on {trained_on}, and no CUDA GPU is visible here; add --device cpu")
     holder = runs.holder(run_dir)
     if holder:
         print(f"note: {run_dir} is still training ({holder}); evaluating the checkpoints it has written so far")
-    exp.evaluate(run_dir, device=args.device, overrides=args.set, models=models, name=args.name)
+    _experiment_of(raw).evaluate(run_dir, device=args.device, overrides=args.set, models=models, name=args.name)
     print((run_dir / f"{stem}.md").read_text())
     print(f"written: {run_dir / f'{stem}.json'}, {run_dir / f'{stem}.md'}")
     return 0
@@ -142,7 +147,7 @@ def cmd_eval(args) -> int:
 
 def cmd_plot(args) -> int:
     run_dir = Path(args.run_dir)
-    exp = _experiment_of(run_dir)
+    exp = _experiment_of(_run_config(run_dir))
     stale = runs.stale_models(run_dir, runs.read_eval(run_dir)) if (run_dir / "eval.json").exists() else {}
     if stale:
         which = ", ".join(f"{k} at iteration {a} (its checkpoint is now at {b})" for k, (a, b) in stale.items())

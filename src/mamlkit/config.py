@@ -263,9 +263,10 @@ def build(cls: type, raw: dict):
     cfg = _from_dict(cls, raw, "")
     if hasattr(cfg, "check"):
         cfg.check()
-    if isinstance(getattr(getattr(cfg, "train", None), "device", None), str):
-        check_device(cfg.train.device, "train.device")
-    if getattr(getattr(cfg, "train", None), "device", None) == "auto":
+    device = getattr(getattr(cfg, "train", None), "device", None)
+    if isinstance(device, str):
+        check_device(device, "train.device")
+    if device == "auto":
         import torch
 
         cfg.train.device = "cuda" if torch.cuda.is_available() else "cpu"
