@@ -3,6 +3,7 @@ inner step (KL bound, Hessian-vector products, meta-gradient) and the experiment
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -332,6 +333,20 @@ def test_time_limit_stops_with_a_resumable_checkpoint(tmp_path):
     assert torch.load(out / "maml" / "checkpoint.pt", weights_only=False)["iteration"] == 1
     assert cli.main([*args, "--resume"]) == 0
     assert torch.load(out / "maml" / "checkpoint.pt", weights_only=False)["iteration"] == 2
+
+
+def test_a_one_task_evaluation_writes_strict_json_and_plots(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["train", "rl-navigation2d-tiny", "--out", str(out), "--quiet", "--set", "models=[maml]"]) == 0
+    assert cli.main(["eval", str(out), "--set", "eval.num_tasks=1"]) == 0
+
+    def reject(constant):
+        raise ValueError(f"eval.json holds {constant}, which strict JSON readers reject")
+
+    maml = json.loads((out / "eval.json").read_text(), parse_constant=reject)["models"]["maml"]
+    assert len(maml["per_task"]) == 1 and all(math.isfinite(r) for r in maml["returns"])
+    assert maml["ci95"] == [None] * len(maml["returns"])  # undefined for one task
+    assert cli.main(["plot", str(out)]) == 0
 
 
 def test_eval_chooses_step_sizes_on_validation_tasks(tmp_path, capsys):

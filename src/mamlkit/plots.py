@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -39,6 +40,8 @@ def steps_curves(
     series' colour and labelled "(paper)"."""
     reference = reference or {}
     for label, (mean, ci) in series.items():
+        # eval.json writes an undefined number (a one-task interval, a diverged mean) as null
+        mean, ci = ([math.nan if v is None else v for v in xs] for xs in (mean, ci))
         ref = reference.get(label)
         if len(mean) == 1:
             ax.axhline(mean[0], ls="--", color="k", label=label)

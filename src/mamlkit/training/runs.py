@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -208,11 +209,24 @@ def eval_stem(name: str | None = None) -> str:
     return f"eval-{name}"
 
 
+def _strict_json(value):
+    """``value`` with its non-finite floats as None: JSON has no NaN or Infinity, and strict readers
+    (jq, JavaScript) reject Python's extension (a one-task interval is NaN, a diverged mean infinite)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def write_eval(run_dir: str | Path, results: dict, table: str, name: str | None = None) -> None:
-    """A run's evaluation: ``eval.json`` (everything) and ``eval.md`` (the table), or ``eval-NAME.*``."""
+    """A run's evaluation: ``eval.json`` (everything, strict JSON: an undefined number is null) and
+    ``eval.md`` (the table), or ``eval-NAME.*``."""
     run_dir, stem = Path(run_dir), eval_stem(name)
     try:
-        (run_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
+        (run_dir / f"{stem}.json").write_text(json.dumps(_strict_json(results), indent=2, allow_nan=False))
         (run_dir / f"{stem}.md").write_text(table)
     except OSError as e:  # a full disk or a read-only run: the results are not lost, they are shown
         print(table)
