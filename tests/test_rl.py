@@ -349,6 +349,39 @@ def test_a_one_task_evaluation_writes_strict_json_and_plots(tmp_path):
     assert cli.main(["plot", str(out)]) == 0
 
 
+def test_kept_checkpoints_are_the_weights_of_their_iteration_and_evaluate(tmp_path, capsys):
+    args = ["train", "rl-navigation2d-tiny", "--quiet", "--set", "models=[maml,random]"]
+    out = tmp_path / "run"
+    keep = ["--set", "train.iterations=4", "--set", "train.keep_every=2", "--set", "train.checkpoint_every=3"]
+    assert cli.main([*args, "--out", str(out), *keep]) == 0
+    assert sorted(p.name for p in (out / "maml").glob("checkpoint*.pt")) == [
+        "checkpoint-2.pt",
+        "checkpoint-4.pt",
+        "checkpoint.pt",
+    ]
+    assert not list((out / "random").glob("checkpoint-*.pt"))  # nothing to keep: it does not train
+    # The kept iteration-2 weights are those of a run that stopped there.
+    short = tmp_path / "short"
+    assert cli.main([*args, "--out", str(short), "--set", "train.iterations=2"]) == 0
+    kept = torch.load(out / "maml" / "checkpoint-2.pt", weights_only=False)
+    final = torch.load(out / "maml" / "checkpoint.pt", weights_only=False)
+    stopped = torch.load(short / "maml" / "checkpoint.pt", weights_only=False)
+    assert kept["iteration"] == 2 and final["iteration"] == 4
+    assert all(torch.equal(kept["learner"][k], stopped["learner"][k]) for k in kept["learner"])
+    assert not all(torch.equal(kept["learner"][k], final["learner"][k]) for k in kept["learner"])
+
+    # `eval --iteration 2` tests them (the random initialisation beside), apart from eval.json.
+    assert cli.main(["eval", str(out), "--iteration", "2", "--set", "eval.num_tasks=2"]) == 0
+    assert cli.main(["eval", str(short), "--set", "eval.num_tasks=2"]) == 0
+    at2 = json.loads((out / "eval-iteration-2.json").read_text())["models"]
+    assert at2["maml"]["iterations"] == 2 and set(at2) == {"maml", "random"}
+    assert at2["maml"]["per_task"] == json.loads((short / "eval.json").read_text())["models"]["maml"]["per_task"]
+    assert not (out / "eval.json").exists()
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--iteration", "3"]) == 2
+    assert "no checkpoint of iteration 3" in capsys.readouterr().err
+
+
 def test_eval_chooses_step_sizes_on_validation_tasks(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "rl-navigation2d-tiny", "--out", str(out), "--quiet", "--set", "models=[maml,oracle]"]

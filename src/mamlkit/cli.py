@@ -126,6 +126,8 @@ def cmd_eval(args) -> int:
         return 0
     run_dir = Path(args.run_dir)
     models = [m.strip() for m in args.models.split(",")] if args.models else None
+    if args.iteration is not None and args.name is None:  # never over the latest weights' eval.json
+        args.name = f"iteration-{args.iteration}"
     stem = runs.eval_stem(args.name)  # a bad name fails now, not after the evaluation
     raw = _run_config(run_dir)
     if args.device == "auto":
@@ -139,7 +141,9 @@ def cmd_eval(args) -> int:
     holder = runs.holder(run_dir)
     if holder:
         print(f"note: {run_dir} is still training ({holder}); evaluating the checkpoints it has written so far")
-    _experiment_of(raw).evaluate(run_dir, device=args.device, overrides=args.set, models=models, name=args.name)
+    _experiment_of(raw).evaluate(
+        run_dir, device=args.device, overrides=args.set, models=models, name=args.name, iteration=args.iteration
+    )
     print((run_dir / f"{stem}.md").read_text())
     print(f"written: {run_dir / f'{stem}.json'}, {run_dir / f'{stem}.md'}")
     return 0
@@ -190,6 +194,12 @@ def parser() -> argparse.ArgumentParser:
         "--name",
         help="write eval-NAME.json and eval-NAME.md instead of eval.json and eval.md, keeping earlier evaluations "
         "(`mamlkit plot` draws eval.json)",
+    )
+    e.add_argument(
+        "--iteration",
+        type=int,
+        help="evaluate the checkpoints kept of this iteration (train.keep_every) instead of the latest; "
+        "writes eval-iteration-N.* unless --name is given",
     )
     e.set_defaults(func=cmd_eval)
     pl = sub.add_parser("plot", help="draw a run's figures into RUN_DIR/plots/")

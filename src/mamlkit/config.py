@@ -80,6 +80,12 @@ class TrainConfig:
     meta_batch_size: int = spec(25, low=1, doc="tasks per meta-iteration")
     meta_lr: float = spec(1e-3, low=0.0, doc="Adam step size beta")
     checkpoint_every: int = spec(5000, low=1, doc="iterations between checkpoints")
+    keep_every: int = spec(
+        0,
+        low=0,
+        doc="also keep the checkpoint of every N-th iteration as <model>/checkpoint-N.pt, to test earlier "
+        "weights with `mamlkit eval --iteration N`; 0 = keep only the latest",
+    )
     log_every: int = spec(100, low=1, doc="iterations between metric rows")
     seed: int = spec(0, doc="seed of the model's initialisation and of the task stream")
     device: str = spec("cpu", doc="torch device: cpu, cuda, cuda:1, ..., or auto (cuda when available)")

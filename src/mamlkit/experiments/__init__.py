@@ -14,6 +14,7 @@ from ..config import kwargs_for, load_raw, to_dict
 from ..engine import MAML
 from ..training import CHECKPOINT, Trainer, start_run
 from ..training import checkpoint as ckpt
+from ..training.loop import kept_checkpoint
 from ..training.runs import deadline
 from .configs import CONFIGS, build_config, load_config, override_eval
 
@@ -42,23 +43,36 @@ def build_maml(model, loss_fn, cfg, **overrides):
     return MAML(model, loss_fn, **{**kwargs_for(MAML, cfg), **overrides})
 
 
-def trained_models(run_dir: str | Path, known: Iterable[str], chosen: Sequence[str] | None = None) -> list[str]:
+def trained_models(
+    run_dir: str | Path,
+    known: Iterable[str],
+    chosen: Sequence[str] | None = None,
+    iteration: int | None = None,
+    untrained: Sequence[str] = (),
+) -> list[str]:
     """The models of a run to evaluate, in ``known``'s order: ``chosen`` (each must have a
     checkpoint), or every model the run's config lists, refused if any has no checkpoint, so an
-    evaluation never silently leaves a model out."""
+    evaluation never silently leaves a model out. With ``iteration``: the checkpoints kept of it,
+    except for the ``untrained`` models, which are the same at every iteration."""
     run_dir = Path(run_dir)
     listed = load_raw(str(run_dir / "config.yaml")).get("models", [])
-    present = [k for k in known if (run_dir / k / CHECKPOINT).exists()]
+
+    def file(k: str) -> Path:
+        at = None if k in untrained else iteration
+        return run_dir / k / CHECKPOINT if at is None else kept_checkpoint(run_dir / k, at)
+
+    present = [k for k in known if file(k).exists()]
+    what = "no checkpoint" if iteration is None else f"no checkpoint of iteration {iteration} (train.keep_every)"
     if chosen:
         unknown = [k for k in chosen if k not in present]
         if unknown:
-            raise FileNotFoundError(f"{run_dir}: no checkpoint for {unknown}; trained models here: {present}")
+            raise FileNotFoundError(f"{run_dir}: {what} for {unknown}; models that have one: {present}")
         return [k for k in known if k in chosen]
     missing = [k for k in listed if k not in present]
     if missing or not present:
         raise FileNotFoundError(
-            f"{run_dir}: the run lists models {listed} but {missing or listed} have no checkpoint "
-            f"({run_dir}/<model>/{CHECKPOINT}); finish training with `mamlkit train ... --out {run_dir} --resume`, "
+            f"{run_dir}: the run lists models {listed} but {missing or listed} have {what} "
+            f"({file('<model>')}); finish training with `mamlkit train ... --out {run_dir} --resume`, "
             f"or evaluate the others with --models {','.join(present) or 'NAME'}"
         )
     return present
@@ -86,6 +100,7 @@ def train_models(cfg, run_dir, resume: bool, progress: bool, changes: dict | Non
             torch.Generator(t.device).manual_seed(seed + 100),
             **{"iterations": t.iterations, **options, **own},
             checkpoint_every=t.checkpoint_every,
+            keep_every=t.keep_every,
             log_every=t.log_every,
             metadata={"kind": kind, "config": to_dict(cfg)},
             deadline=stop_at,

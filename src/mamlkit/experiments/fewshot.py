@@ -14,7 +14,7 @@ from ..config import apply_overrides, to_dict
 from ..engine import MAML
 from ..models import ADAPT_ALL_BUT_NORM, CLASSIFIERS
 from ..tasks.fewshot import FewShotTasks
-from ..training import BEST, CHECKPOINT, AdamUpdate, Trainer, mean_ci, start_run
+from ..training import BEST, CHECKPOINT, AdamUpdate, Trainer, checkpoint_file, mean_ci, start_run
 from ..training import checkpoint as ckpt
 from ..training.runs import deadline, read_eval, write_eval
 from . import build_maml, load_run, step_cells
@@ -117,6 +117,7 @@ def train(
         generator,
         iterations=t.iterations,
         checkpoint_every=t.checkpoint_every,
+        keep_every=t.keep_every,
         log_every=t.log_every,
         metadata={"config": to_dict(cfg)},
         validate=validate,
@@ -131,19 +132,25 @@ def train(
 
 
 def load_learner(
-    run_dir: Path, device: str | None = None, overrides: list[str] = ()
+    run_dir: Path, device: str | None = None, overrides: list[str] = (), iteration: int | None = None
 ) -> tuple[MAML, FewShotConfig, dict]:
     """The weights that ``eval.checkpoint`` names (``best.pt``, chosen on validation, when the
-    run has one; else the last checkpoint), with the config they were trained with."""
+    run has one; else the last checkpoint), or those kept of ``iteration``, with the config they
+    were trained with."""
     asked = apply_overrides({}, list(overrides)).get("eval", {}).get("checkpoint")  # read before any file
-    path = run_dir / BEST if (run_dir / BEST).exists() and asked != "last" else run_dir / CHECKPOINT
+    if iteration is not None:
+        path = checkpoint_file(run_dir, iteration)
+    elif (run_dir / BEST).exists() and asked != "last":
+        path = run_dir / BEST
+    else:
+        path = run_dir / CHECKPOINT
     try:
         cfg, state = load_run(path, device, overrides)
     except ckpt.CorruptCheckpoint as e:
         if path.name != BEST:
             raise
         raise ckpt.CorruptCheckpoint(f"{e}; evaluate the last checkpoint instead: --set eval.checkpoint=last") from None
-    if path.name == BEST and cfg.eval.checkpoint == "last":
+    if path.name == BEST and cfg.eval.checkpoint == "last":  # "last" set in the run's config
         path = run_dir / CHECKPOINT
         cfg, state = load_run(path, device, overrides)
     learner = make_learner(cfg)
@@ -158,13 +165,14 @@ def evaluate(
     overrides: list[str] = (),
     models: list[str] | None = None,
     name: str | None = None,
+    iteration: int | None = None,
 ) -> dict:
     """Test accuracy (mean ± 95% CI) after 0..steps steps, per query protocol; writes eval.json/eval.md
     (``eval-NAME.*`` with ``name``)."""
     run_dir = Path(run_dir)
     if models:
         raise ValueError("a few-shot run trains one model; evaluate it without --models")
-    learner, cfg, source = load_learner(run_dir, device, overrides)
+    learner, cfg, source = load_learner(run_dir, device, overrides, iteration)
     test_images = load_split(cfg, "test")
     results = {
         "source": source,

@@ -20,7 +20,7 @@ from ..rl.metabatch import MetaTRPOUpdate, adaptation_returns, advantage_fn, tun
 from ..rl.policy import GaussianMLPPolicy, reinforce_loss
 from ..rl.tasks import MujocoTasks, NavigationTasks, make_tasks
 from ..rl.trpo import MetaTRPO
-from ..training import CHECKPOINT, mean_ci
+from ..training import checkpoint_file, mean_ci
 from ..training.runs import read_eval, write_eval
 from . import build_maml, load_run, train_models, trained_models
 
@@ -98,10 +98,11 @@ def train(
 
 
 def load_learner(
-    run_dir: str | Path, kind: str, device: str | None = None, overrides: list[str] = ()
+    run_dir: str | Path, kind: str, device: str | None = None, overrides: list[str] = (), iteration: int | None = None
 ) -> tuple[MAML, RLConfig, int, NavigationTasks | MujocoTasks]:
     """A trained model with its config (``eval.*`` overrides applied), iteration and task family."""
-    cfg, state = load_run(Path(run_dir) / kind / CHECKPOINT, device, overrides)
+    at = None if kind == "random" else iteration  # the random initialisation is every iteration's
+    cfg, state = load_run(checkpoint_file(Path(run_dir) / kind, at), device, overrides)
     family = make_tasks(cfg.env, oracle=kind == "oracle")
     learner = make_learner(cfg, kind, family)
     learner.load_state_dict(state["learner"])
@@ -115,16 +116,17 @@ def evaluate(
     overrides: list[str] = (),
     models: list[str] | None = None,
     name: str | None = None,
+    iteration: int | None = None,
 ) -> dict:
     """Returns on ``eval.num_tasks`` fixed test tasks after 0..``eval.steps`` gradient steps for each
     trained model (mean ± 95% CI over tasks); the oracle takes no step. With ``eval.tune_inner_lrs``
     each model's step sizes are first chosen on validation tasks. Writes eval.json and eval.md
     (``eval-NAME.*`` with ``name``)."""
     run_dir = Path(run_dir)
-    kinds = trained_models(run_dir, MODELS, models)
+    kinds = trained_models(run_dir, MODELS, models, iteration, untrained=("random",))
     results: dict = {"models": {}}
     for kind in tqdm(kinds, desc="eval", disable=not progress):
-        learner, cfg, iteration, family = load_learner(run_dir, kind, device, overrides)
+        learner, cfg, trained_for, family = load_learner(run_dir, kind, device, overrides, iteration)
         e, adv = cfg.eval, _advantages(cfg)
         results["eval"] = to_dict(cfg)["eval"]
         results["env"] = cfg.env.name
@@ -146,7 +148,7 @@ def evaluate(
         # Does adapting further help? Paired over tasks, so the tasks' spread cancels.
         gain = mean_ci(returns[:, -1] - returns[:, 1]) if steps >= 2 else None
         results["models"][kind] = {
-            "iterations": iteration,
+            "iterations": trained_for,
             "first_order": cfg.maml.first_order if kind == "maml" else None,
             "inner_lrs": [lrs[min(i, len(lrs) - 1)] for i in range(steps)],  # as used: the last repeats
             "tuning": tuning,

@@ -12,7 +12,7 @@ from ..config import to_dict
 from ..engine import MAML, TaskBatch
 from ..models import mlp, official_init_
 from ..tasks import SinusoidTasks
-from ..training import CHECKPOINT, AdamUpdate, mean_ci
+from ..training import AdamUpdate, checkpoint_file, mean_ci
 from ..training.runs import read_eval, write_eval
 from . import build_maml, load_run, step_cells, train_models, trained_models
 from .configs import SinusoidConfig
@@ -70,10 +70,10 @@ def train(
 
 
 def load_learner(
-    run_dir: str | Path, kind: str, device: str | None = None, overrides: list[str] = ()
+    run_dir: str | Path, kind: str, device: str | None = None, overrides: list[str] = (), iteration: int | None = None
 ) -> tuple[MAML, SinusoidConfig, dict]:
     """A trained model, its config (``eval.*`` overrides applied) and its checkpoint."""
-    cfg, state = load_run(Path(run_dir) / kind / CHECKPOINT, device, overrides)
+    cfg, state = load_run(checkpoint_file(Path(run_dir) / kind, iteration), device, overrides)
     learner = make_learner(cfg, kind)
     learner.load_state_dict(state["learner"])
     return learner, cfg, state
@@ -98,6 +98,7 @@ def evaluate(
     overrides: list[str] = (),
     models: list[str] | None = None,
     name: str | None = None,
+    iteration: int | None = None,
 ) -> dict:
     """MSE after 0..steps gradient steps on K-shot support sets, for each trained model.
 
@@ -105,10 +106,10 @@ def evaluate(
     1..steps); the oracle needs no step. Writes ``eval.json`` and ``eval.md`` (``eval-NAME.*`` with ``name``).
     """
     run_dir = Path(run_dir)
-    kinds = trained_models(run_dir, KINDS, models)
+    kinds = trained_models(run_dir, KINDS, models, iteration)
     results: dict = {"models": {}}
     for kind in tqdm(kinds, desc="eval", disable=not progress, dynamic_ncols=True):
-        learner, cfg, state = load_learner(run_dir, kind, device, overrides)
+        learner, cfg, state = load_learner(run_dir, kind, device, overrides, iteration)
         e = cfg.eval
         results["eval"] = to_dict(cfg)["eval"]
         per_k = {}

@@ -69,6 +69,12 @@ class RLTrainConfig:
     meta_batch_size: int = spec(20, low=1, doc="tasks per meta-iteration")
     trajectories: int = spec(20, low=1, doc="trajectories per task per gradient step")
     checkpoint_every: int = spec(10, low=1, doc="iterations between checkpoints")
+    keep_every: int = spec(
+        0,
+        low=0,
+        doc="also keep the checkpoint of every N-th iteration as <model>/checkpoint-N.pt, to test earlier "
+        "weights with `mamlkit eval --iteration N`; 0 = keep only the latest",
+    )
     log_every: int = spec(1, low=1, doc="iterations between metric rows")
     seed: int = spec(0, doc="seed of the initialisation, the task stream and the action noise")
     device: str = spec("cpu", doc="torch device: cpu, cuda, ... or auto")

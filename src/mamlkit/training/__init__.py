@@ -1,7 +1,7 @@
 """The training side: the one meta-training loop, run directories, checkpoints, metric logs, statistics."""
 
 from .checkpoint import save_atomic
-from .loop import BEST, CHECKPOINT, AdamUpdate, RunExistsError, Trainer, Update, make_optimizer
+from .loop import BEST, CHECKPOINT, AdamUpdate, RunExistsError, Trainer, Update, checkpoint_file, make_optimizer
 from .runs import start_run
 from .stats import mean_ci
 
@@ -15,5 +15,6 @@ __all__ = [
     "save_atomic",
     "mean_ci",
     "CHECKPOINT",
+    "checkpoint_file",
     "BEST",
 ]

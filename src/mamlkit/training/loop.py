@@ -7,6 +7,9 @@ it is given: ``AdamUpdate`` for supervised MAML, ``mamlkit.rl.MetaTRPOUpdate`` f
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import signal
 import threading
 import time
@@ -25,6 +28,34 @@ from . import checkpoint as ckpt
 from .metrics import MetricLog
 
 CHECKPOINT = "checkpoint.pt"
+
+
+def kept_checkpoint(model_dir: str | Path, iteration: int) -> Path:
+    """The checkpoint of ``iteration`` that ``train.keep_every`` kept in ``model_dir``."""
+    return Path(model_dir) / f"checkpoint-{iteration}.pt"
+
+
+def kept_iterations(model_dir: str | Path) -> list[int]:
+    """The iterations whose checkpoints ``train.keep_every`` kept in ``model_dir``, in order."""
+    found = (re.fullmatch(r"checkpoint-(\d+)\.pt", p.name) for p in Path(model_dir).glob("checkpoint-*.pt"))
+    return sorted(int(m[1]) for m in found if m)
+
+
+def checkpoint_file(model_dir: str | Path, iteration: int | None = None) -> Path:
+    """``model_dir``'s latest checkpoint, or with ``iteration`` the one kept of that iteration;
+    a missing kept one is refused with the iterations that were kept."""
+    if iteration is None:
+        return Path(model_dir) / CHECKPOINT
+    path = kept_checkpoint(model_dir, iteration)
+    if not path.exists():
+        kept = kept_iterations(model_dir)
+        raise FileNotFoundError(
+            f"{model_dir}: no checkpoint of iteration {iteration} was kept; "
+            + (f"kept: {kept}" if kept else "train with train.keep_every=N to keep every N-th iteration's")
+        )
+    return path
+
+
 BEST = "best.pt"
 
 
@@ -119,9 +150,10 @@ class Trainer:
     """Trains ``learner`` with ``update`` for ``iterations`` outer steps in ``run_dir``.
 
     ``run_dir`` receives ``checkpoint.pt`` (every ``checkpoint_every`` iterations, at the end and
-    when stopped), ``metrics.csv`` and ``tb/`` (each metric averaged over ``log_every``
-    iterations, with ``its_per_s``), and ``best.pt`` when ``validate`` and ``select_on`` are given
-    (the weights with the highest ``select_on``). ``fit(resume=True)`` continues from the
+    when stopped; also kept as ``checkpoint-N.pt`` every ``keep_every`` iterations),
+    ``metrics.csv`` and ``tb/`` (each metric averaged over ``log_every`` iterations, with
+    ``its_per_s``), and ``best.pt`` when ``validate`` and ``select_on`` are given (the weights
+    with the highest ``select_on``). ``fit(resume=True)`` continues from the
     checkpoint with the same weights, update state and random-number state.
 
     ``deadline`` (a ``time.monotonic()`` value) stops training as Ctrl-C does once passed:
@@ -144,6 +176,7 @@ class Trainer:
         iterations: int,
         checkpoint_every: int,
         log_every: int,
+        keep_every: int = 0,
         metadata: dict | None = None,
         validate: Callable[[], dict[str, float]] | None = None,
         validate_every: int = 0,
@@ -157,7 +190,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.learner, self.update, self.generator = learner, update, generator
         self.iterations = iterations
-        self.checkpoint_every, self.log_every = checkpoint_every, log_every
+        self.checkpoint_every, self.log_every, self.keep_every = checkpoint_every, log_every, keep_every
         self.metadata = metadata or {}
         self.validate, self.validate_every, self.select_on = validate, validate_every, select_on
         self.best = float("-inf")
@@ -184,6 +217,13 @@ class Trainer:
             },
             self.checkpoint_path,
         )
+        if self.keep_every and self.iteration and self.iteration % self.keep_every == 0:
+            kept = kept_checkpoint(self.run_dir, self.iteration)
+            kept.unlink(missing_ok=True)  # saved again at the same iteration (a stop right after a checkpoint)
+            try:  # a second name for the file just written: no copy; the next save replaces only checkpoint.pt
+                os.link(self.checkpoint_path, kept)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(self.checkpoint_path, kept)
 
     def _maybe_save_best(self, row: dict) -> None:
         """Keep the weights with the best validation score (``select_on``, higher is better)."""
@@ -289,7 +329,7 @@ class Trainer:
                         bar.set_postfix({k: f"{row[k]:.4g}" for k in self.show if k in row}, refresh=False)
                         bar.update(count)
                         window.restart_clock()  # validation and logging do not count as training time
-                    if it % self.checkpoint_every == 0 or final:
+                    if it % self.checkpoint_every == 0 or final or (self.keep_every and it % self.keep_every == 0):
                         if window.count:  # a row ends at every checkpoint: a resume then logs each iteration once
                             bar.update(window.count)
                             log.log(it, **window.flush())

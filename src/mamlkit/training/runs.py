@@ -29,6 +29,7 @@ RESUMABLE = (
     "train.time_limit",
     "train.log_every",
     "train.checkpoint_every",
+    "train.keep_every",
     "train.validate_every",
     "train.device",
     "train.threads",
