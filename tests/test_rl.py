@@ -379,7 +379,17 @@ def test_kept_checkpoints_are_the_weights_of_their_iteration_and_evaluate(tmp_pa
     assert not (out / "eval.json").exists()
     capsys.readouterr()
     assert cli.main(["eval", str(out), "--iteration", "3"]) == 2
-    assert "no checkpoint of iteration 3" in capsys.readouterr().err
+    assert "no checkpoint of iteration 3 was kept for ['maml'] (kept: {'maml': [2, 4]})" in capsys.readouterr().err
+
+    # Killed between writing checkpoint.pt and keeping it: the resume keeps it.
+    (out / "maml" / "checkpoint-4.pt").unlink()
+    assert cli.main([*args, "--out", str(out), *keep, "--resume"]) == 0
+    assert (out / "maml" / "checkpoint-4.pt").read_bytes() == (out / "maml" / "checkpoint.pt").read_bytes()
+    # Kept checkpoints without the run's checkpoint.pt are never mixed into a new run's.
+    (out / "maml" / "checkpoint.pt").unlink()
+    capsys.readouterr()
+    assert cli.main([*args, "--out", str(out), *keep, "--resume"]) == 2
+    assert "holds kept checkpoints of iterations [2, 4] but no checkpoint.pt" in capsys.readouterr().err
 
 
 def test_eval_chooses_step_sizes_on_validation_tasks(tmp_path, capsys):

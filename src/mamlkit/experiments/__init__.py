@@ -14,7 +14,7 @@ from ..config import kwargs_for, load_raw, to_dict
 from ..engine import MAML
 from ..training import CHECKPOINT, Trainer, start_run
 from ..training import checkpoint as ckpt
-from ..training.loop import kept_checkpoint
+from ..training.loop import kept_checkpoint, kept_iterations
 from ..training.runs import deadline
 from .configs import CONFIGS, build_config, load_config, override_eval
 
@@ -62,20 +62,24 @@ def trained_models(
         return run_dir / k / CHECKPOINT if at is None else kept_checkpoint(run_dir / k, at)
 
     present = [k for k in known if file(k).exists()]
-    what = "no checkpoint" if iteration is None else f"no checkpoint of iteration {iteration} (train.keep_every)"
-    if chosen:
-        unknown = [k for k in chosen if k not in present]
-        if unknown:
-            raise FileNotFoundError(f"{run_dir}: {what} for {unknown}; models that have one: {present}")
-        return [k for k in known if k in chosen]
-    missing = [k for k in listed if k not in present]
-    if missing or not present:
+    wanted = list(chosen) if chosen else listed
+    absent = [k for k in wanted if k not in present]
+    if absent or not present:
+        others = f"--models {','.join(present) or 'NAME'}"
+        if iteration is not None:
+            kept = {k: kept_iterations(run_dir / k) for k in absent or wanted}
+            raise FileNotFoundError(
+                f"{run_dir}: no checkpoint of iteration {iteration} was kept for {absent or wanted} "
+                f"(kept: {kept}); choose a kept iteration, or evaluate the others with {others}"
+            )
+        if chosen:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint for {absent}; trained models here: {present}")
         raise FileNotFoundError(
-            f"{run_dir}: the run lists models {listed} but {missing or listed} have {what} "
-            f"({file('<model>')}); finish training with `mamlkit train ... --out {run_dir} --resume`, "
-            f"or evaluate the others with --models {','.join(present) or 'NAME'}"
+            f"{run_dir}: the run lists models {listed} but {absent or listed} have no checkpoint "
+            f"({run_dir}/<model>/{CHECKPOINT}); finish training with `mamlkit train ... --out {run_dir} --resume`, "
+            f"or evaluate the others with {others}"
         )
-    return present
+    return [k for k in known if k in chosen] if chosen else present
 
 
 def train_models(cfg, run_dir, resume: bool, progress: bool, changes: dict | None, build, **options) -> bool:

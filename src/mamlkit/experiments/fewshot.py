@@ -139,6 +139,8 @@ def load_learner(
     were trained with."""
     asked = apply_overrides({}, list(overrides)).get("eval", {}).get("checkpoint")  # read before any file
     if iteration is not None:
+        if asked:
+            raise ValueError(f"--iteration {iteration} names the weights; drop --set eval.checkpoint={asked}")
         path = checkpoint_file(run_dir, iteration)
     elif (run_dir / BEST).exists() and asked != "last":
         path = run_dir / BEST

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -203,7 +204,10 @@ def plot(run_dir: str | Path, task_index: int = 0) -> list[Path]:
         plots.steps_curves(ax, series, "mean squared error")
         # A task whose steps diverge can dominate the mean: keep the axis at the scale of the
         # unadapted error so the other curves stay readable (eval.md counts such tasks).
-        ax.set_ylim(0, 1.15 * max(m["shots"][k]["mse"][0] for m in models.values()))
+        unadapted = [m["shots"][k]["mse"][0] for m in models.values()]
+        unadapted = [v for v in unadapted if v is not None and math.isfinite(v)]
+        if unadapted:
+            ax.set_ylim(0, 1.15 * max(unadapted))
         ax.set_title(f"K = {k}")
     out.append(plots.save(fig, run_dir / "plots" / "mse_vs_steps.png"))
 

@@ -51,7 +51,7 @@ def checkpoint_file(model_dir: str | Path, iteration: int | None = None) -> Path
         kept = kept_iterations(model_dir)
         raise FileNotFoundError(
             f"{model_dir}: no checkpoint of iteration {iteration} was kept; "
-            + (f"kept: {kept}" if kept else "train with train.keep_every=N to keep every N-th iteration's")
+            + (f"kept: {kept}" if kept else "train with train.keep_every=N to keep every N-th iteration's checkpoint")
         )
     return path
 
@@ -217,13 +217,24 @@ class Trainer:
             },
             self.checkpoint_path,
         )
-        if self.keep_every and self.iteration and self.iteration % self.keep_every == 0:
-            kept = kept_checkpoint(self.run_dir, self.iteration)
-            kept.unlink(missing_ok=True)  # saved again at the same iteration (a stop right after a checkpoint)
-            try:  # a second name for the file just written: no copy; the next save replaces only checkpoint.pt
-                os.link(self.checkpoint_path, kept)
-            except OSError:  # a file system without hard links
-                shutil.copyfile(self.checkpoint_path, kept)
+        if self._keeps(self.iteration):
+            self._keep()
+
+    def _keeps(self, iteration: int) -> bool:
+        return bool(self.keep_every and iteration and iteration % self.keep_every == 0)
+
+    def _keep(self) -> None:
+        """Give the checkpoint just written a second name, ``checkpoint-N.pt``, which later saves
+        leave alone (they replace ``checkpoint.pt`` by a rename). Made under a temporary name and
+        renamed too, so a kill never leaves a partial one."""
+        kept = kept_checkpoint(self.run_dir, self.iteration)
+        tmp = kept.with_name(f".{kept.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:  # a hard link: no copy
+            os.link(self.checkpoint_path, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(self.checkpoint_path, tmp)
+        os.replace(tmp, kept)
 
     def _maybe_save_best(self, row: dict) -> None:
         """Keep the weights with the best validation score (``select_on``, higher is better)."""
@@ -274,12 +285,24 @@ class Trainer:
         Under ``torchrun`` rank 0 alone logs, validates and writes checkpoints; a stop (signal or
         time limit) on any rank stops every rank after the same iteration."""
         exists = distributed.broadcast(self.checkpoint_path.exists())
+        stale = distributed.broadcast([] if exists else kept_iterations(self.run_dir))
+        if stale:  # a new run would mix its kept checkpoints with these
+            raise RunExistsError(
+                f"{self.run_dir} holds kept checkpoints of iterations {stale} but no {CHECKPOINT}; restore "
+                f"{CHECKPOINT}, or move the checkpoint-N.pt files away to train {self.name} anew there"
+            )
         if exists:
             if not resume:
                 raise RunExistsError(
                     f"{self.run_dir} already holds a run; pass --resume to continue it or --out for a new one"
                 )
             self.restore()
+            if (
+                distributed.is_main()
+                and self._keeps(self.iteration)
+                and not kept_checkpoint(self.run_dir, self.iteration).exists()
+            ):  # killed between the save and the keep
+                self._keep()
             if distributed.is_main():
                 done = self.iteration >= self.iterations
                 print(
