@@ -28,6 +28,7 @@ __all__ = [
     "load_run",
     "trained_models",
     "step_cells",
+    "steps_label",
 ]
 
 
@@ -114,6 +115,11 @@ def train_models(cfg, run_dir, resume: bool, progress: bool, changes: dict | Non
         if not trainer.fit(resume=resume, progress=progress):
             return False
     return True
+
+
+def steps_label(steps: int) -> str:
+    """A table's column name for ``steps`` gradient steps: "0 steps", "1 step", "2 steps"."""
+    return f"{steps} step" if steps == 1 else f"{steps} steps"
 
 
 def step_cells(mean: Sequence[float], ci: Sequence[float], steps_shown: Sequence[int], digits: int) -> list[str]:

@@ -17,7 +17,7 @@ from ..tasks.fewshot import FewShotTasks
 from ..training import BEST, CHECKPOINT, AdamUpdate, Trainer, checkpoint_file, mean_ci, start_run
 from ..training import checkpoint as ckpt
 from ..training.runs import deadline, read_eval, write_eval
-from . import build_maml, load_run, step_cells
+from . import build_maml, load_run, step_cells, steps_label
 from .configs import FewShotConfig
 
 MODERN_QUERY = 15
@@ -214,7 +214,7 @@ def format_table(results: dict, steps_shown=(0, 1, 3, 5, 10)) -> str:
         + f"); Omniglot resize: {results['resize']}.\n\n"
     )
     lines = [
-        "| query per class | " + " | ".join(f"{s} steps" for s in steps_shown) + " |",
+        "| query per class | " + " | ".join(map(steps_label, steps_shown)) + " |",
         "|---|" + "---|" * len(steps_shown),
     ]
     for protocol, r in results["protocols"].items():

@@ -22,7 +22,7 @@ from ..rl.tasks import MujocoTasks, NavigationTasks, make_tasks
 from ..rl.trpo import MetaTRPO
 from ..training import checkpoint_file, mean_ci
 from ..training.runs import read_eval, write_eval
-from . import build_maml, load_run, train_models, trained_models
+from . import build_maml, load_run, steps_label, train_models, trained_models
 
 # Mean return over 40 test tasks after 0/1/2/3 steps, from the official code's result files
 # (docs/protocol.md#rl-evaluation); None = not given.
@@ -177,8 +177,8 @@ def format_table(results: dict) -> str:
         f"{e['trajectories']} trajectories per step, {sizes}; "
         "the oracle takes no step. Paper: cbfinn/maml_rl result files.\n\n"
         "| model | meta-iterations | step sizes | "
-        + " | ".join(f"{s} steps" for s in range(steps))
-        + f" | {steps - 1} steps − 1 step (paired) |\n"
+        + " | ".join(map(steps_label, range(steps)))
+        + f" | {steps_label(steps - 1)} − 1 step (paired) |\n"
         "|---|---|---|" + "---|" * (steps + 1) + "\n"
     )
     lines = []

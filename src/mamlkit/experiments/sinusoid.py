@@ -15,7 +15,7 @@ from ..models import mlp, official_init_
 from ..tasks import SinusoidTasks
 from ..training import AdamUpdate, checkpoint_file, mean_ci
 from ..training.runs import read_eval, write_eval
-from . import build_maml, load_run, step_cells, train_models, trained_models
+from . import build_maml, load_run, step_cells, steps_label, train_models, trained_models
 from .configs import SinusoidConfig
 
 KINDS = ("maml", "pretrained", "oracle")
@@ -179,7 +179,7 @@ def format_table(results: dict, steps_shown=(0, 1, 5, 10)) -> str:
     )
     head = (
         f"MSE on {e['num_tasks']} test tasks (mean ± 95% CI); the oracle takes no steps{tuned}.\n\n"
-        "| model | K | step size | " + " | ".join(f"{s} steps" for s in steps_shown) + " |\n"
+        "| model | K | step size | " + " | ".join(map(steps_label, steps_shown)) + " |\n"
         "|---|---|---|" + "---|" * len(steps_shown) + "\n"
     )
     return head + "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
