@@ -392,6 +392,20 @@ def test_kept_checkpoints_are_the_weights_of_their_iteration_and_evaluate(tmp_pa
     assert "holds kept checkpoints of iterations [2, 4] but no checkpoint.pt" in capsys.readouterr().err
 
 
+def test_eval_takes_the_settings_a_resume_changed_for_every_checkpoint(tmp_path):
+    # The random baseline's checkpoint is written once, before the resume changes eval.num_tasks;
+    # MAML's is written again after it. Both are evaluated as the run's config.yaml says now.
+    out = tmp_path / "run"
+    args = ["train", "rl-navigation2d-tiny", "--out", str(out), "--quiet", "--set", "models=[maml,random]"]
+    assert cli.main([*args, "--set", "train.iterations=1"]) == 0
+    assert cli.main([*args, "--resume", "--set", "train.iterations=2", "--set", "eval.num_tasks=3"]) == 0
+    random_ckpt = torch.load(out / "random" / "checkpoint.pt", weights_only=False)
+    assert random_ckpt["config"]["eval"]["num_tasks"] != 3  # the setting it was written with
+    assert cli.main(["eval", str(out)]) == 0
+    models = json.loads((out / "eval.json").read_text())["models"]
+    assert [len(models[k]["per_task"]) for k in ("maml", "random")] == [3, 3]
+
+
 def test_eval_chooses_step_sizes_on_validation_tasks(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "rl-navigation2d-tiny", "--out", str(out), "--quiet", "--set", "models=[maml,oracle]"]

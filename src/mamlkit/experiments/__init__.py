@@ -15,7 +15,7 @@ from ..engine import MAML
 from ..training import CHECKPOINT, Trainer, start_run
 from ..training import checkpoint as ckpt
 from ..training.loop import kept_checkpoint, kept_iterations
-from ..training.runs import deadline
+from ..training.runs import deadline, with_current_settings
 from .configs import CONFIGS, build_config, load_config, override_eval
 
 __all__ = [
@@ -128,13 +128,19 @@ def step_cells(mean: Sequence[float], ci: Sequence[float], steps_shown: Sequence
     return [f"{mean[s]:.{digits}f} ± {ci[s]:.{digits}f}" if s < len(mean) else "–" for s in steps_shown]
 
 
-def load_run(checkpoint: str | Path, device: str | None = None, overrides: list[str] = ()) -> tuple[object, dict]:
+def load_run(
+    checkpoint: str | Path, run_dir: str | Path, device: str | None = None, overrides: list[str] = ()
+) -> tuple[object, dict]:
     """A trained model's checkpoint and the config it was trained with, read once: returns
-    ``(cfg, state)`` with ``eval.*`` ``overrides`` applied, ``device`` (if given) as the device,
-    and compilation off (evaluation shapes vary; compiling them costs more than it saves).
-    The caller builds its learner from ``cfg`` and loads ``state["learner"]`` into it."""
+    ``(cfg, state)`` with the settings a resume may change as ``run_dir``'s config.yaml has them
+    now, ``eval.*`` ``overrides`` applied, ``device`` (if given) as the device, and compilation
+    off (evaluation shapes vary; compiling them costs more than it saves). The caller builds its
+    learner from ``cfg`` and loads ``state["learner"]`` into it."""
     state = ckpt.load(checkpoint)
-    cfg = override_eval(build_config(state["config"]), overrides)
+    raw, current = state["config"], Path(run_dir) / "config.yaml"
+    if current.exists():
+        raw = with_current_settings(raw, load_raw(str(current)))
+    cfg = override_eval(build_config(raw), overrides)
     if device:
         cfg.train.device = device
     cfg.maml.compile = cfg.maml.cuda_graphs = False

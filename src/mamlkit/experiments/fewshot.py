@@ -147,14 +147,14 @@ def load_learner(
     else:
         path = run_dir / CHECKPOINT
     try:
-        cfg, state = load_run(path, device, overrides)
+        cfg, state = load_run(path, run_dir, device, overrides)
     except ckpt.CorruptCheckpoint as e:
         if path.name != BEST:
             raise
         raise ckpt.CorruptCheckpoint(f"{e}; evaluate the last checkpoint instead: --set eval.checkpoint=last") from None
     if path.name == BEST and cfg.eval.checkpoint == "last":  # "last" set in the run's config
         path = run_dir / CHECKPOINT
-        cfg, state = load_run(path, device, overrides)
+        cfg, state = load_run(path, run_dir, device, overrides)
     learner = make_learner(cfg)
     learner.load_state_dict(state["learner"])
     return learner, cfg, {"checkpoint": path.name, "iteration": state["iteration"], "val_acc": state.get("val_acc")}

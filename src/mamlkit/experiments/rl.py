@@ -102,7 +102,7 @@ def load_learner(
 ) -> tuple[MAML, RLConfig, int, NavigationTasks | MujocoTasks]:
     """A trained model with its config (``eval.*`` overrides applied), iteration and task family."""
     at = None if kind == "random" else iteration  # the random initialisation is every iteration's
-    cfg, state = load_run(checkpoint_file(Path(run_dir) / kind, at), device, overrides)
+    cfg, state = load_run(checkpoint_file(Path(run_dir) / kind, at), run_dir, device, overrides)
     family = make_tasks(cfg.env, oracle=kind == "oracle")
     learner = make_learner(cfg, kind, family)
     learner.load_state_dict(state["learner"])

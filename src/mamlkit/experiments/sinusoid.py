@@ -74,7 +74,7 @@ def load_learner(
     run_dir: str | Path, kind: str, device: str | None = None, overrides: list[str] = (), iteration: int | None = None
 ) -> tuple[MAML, SinusoidConfig, dict]:
     """A trained model, its config (``eval.*`` overrides applied) and its checkpoint."""
-    cfg, state = load_run(checkpoint_file(Path(run_dir) / kind, iteration), device, overrides)
+    cfg, state = load_run(checkpoint_file(Path(run_dir) / kind, iteration), run_dir, device, overrides)
     learner = make_learner(cfg, kind)
     learner.load_state_dict(state["learner"])
     return learner, cfg, state

@@ -3,6 +3,7 @@ change, the time limit, reading and writing results."""
 
 from __future__ import annotations
 
+import copy
 import datetime
 import fcntl
 import json
@@ -100,15 +101,34 @@ def changed_settings(saved: dict, new: dict, prefix: str = "") -> dict[str, tupl
     return out
 
 
+def resumable(key: str) -> bool:
+    """Whether a resume may change the setting ``key`` (``RESUMABLE``)."""
+    return key in RESUMABLE or any(key.startswith(p[:-1]) for p in RESUMABLE if p.endswith("*"))
+
+
+def with_current_settings(trained: dict, current: dict) -> dict:
+    """A checkpoint's config ``trained`` with the settings a resume may change (evaluation, device,
+    data paths) taken from the run's ``current`` config.yaml. A checkpoint written before a resume
+    changed them (a kept one, ``best.pt``, the random baseline's) is then evaluated as the others."""
+    out = copy.deepcopy(trained)
+
+    def overlay(into: dict, new: dict, prefix: str) -> None:
+        for k, v in new.items():
+            key = f"{prefix}{k}"
+            if resumable(key):
+                into[k] = copy.deepcopy(v)
+            elif isinstance(v, dict) and isinstance(into.get(k), dict):
+                overlay(into[k], v, f"{key}.")
+
+    overlay(out, current, "")
+    return out
+
+
 def check_resume(saved: dict, new: dict) -> dict[str, tuple]:
     """The changes a resume makes to a run's config; refused (``ConfigError`` listing them) when
     any of them could change what is learned."""
     changes = changed_settings(saved, new)
-    refused = {
-        k: v
-        for k, v in changes.items()
-        if k not in RESUMABLE and not any(k.startswith(p[:-1]) for p in RESUMABLE if p.endswith("*"))
-    }
+    refused = {k: v for k, v in changes.items() if not resumable(k)}
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise config_lib.ConfigError(
