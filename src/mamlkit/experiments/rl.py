@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..config import kwargs_for, to_dict
 from ..engine import MAML
-from ..rl.config import MODELS, RLConfig
+from ..rl.config import MODELS, UNTRAINED, RLConfig
 from ..rl.metabatch import MetaTRPOUpdate, adaptation_returns, advantage_fn, tune_inner_lrs
 from ..rl.policy import GaussianMLPPolicy, reinforce_loss
 from ..rl.tasks import MujocoTasks, NavigationTasks, make_tasks
@@ -83,7 +83,7 @@ def train(
     def build(kind: str):
         family = make_tasks(cfg.env, oracle=kind == "oracle")
         learner = make_learner(cfg, kind, family)
-        return learner, make_update(cfg, learner, family), {"iterations": 0} if kind == "random" else {}
+        return learner, make_update(cfg, learner, family), {"iterations": 0} if kind in UNTRAINED else {}
 
     return train_models(
         cfg,
@@ -101,7 +101,7 @@ def load_learner(
     run_dir: str | Path, kind: str, device: str | None = None, overrides: list[str] = (), iteration: int | None = None
 ) -> tuple[MAML, RLConfig, int, NavigationTasks | MujocoTasks]:
     """A trained model with its config (``eval.*`` overrides applied), iteration and task family."""
-    at = None if kind == "random" else iteration  # the random initialisation is every iteration's
+    at = None if kind in UNTRAINED else iteration
     cfg, state = load_run(checkpoint_file(Path(run_dir) / kind, at), run_dir, device, overrides)
     family = make_tasks(cfg.env, oracle=kind == "oracle")
     learner = make_learner(cfg, kind, family)
@@ -123,7 +123,7 @@ def evaluate(
     each model's step sizes are first chosen on validation tasks. Writes eval.json and eval.md
     (``eval-NAME.*`` with ``name``)."""
     run_dir = Path(run_dir)
-    kinds = trained_models(run_dir, MODELS, models, iteration, untrained=("random",))
+    kinds = trained_models(run_dir, MODELS, models, iteration, untrained=UNTRAINED)
     results: dict = {"models": {}}
     for kind in tqdm(kinds, desc="eval", disable=not progress):
         learner, cfg, trained_for, family = load_learner(run_dir, kind, device, overrides, iteration)

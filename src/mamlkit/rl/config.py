@@ -9,6 +9,7 @@ from .families import FAMILIES
 
 # The models an RL run can train, in the order evaluation reports them, with their labels.
 MODELS = {"maml": "MAML", "pretrained": "pretrained", "random": "random init", "oracle": "oracle"}
+UNTRAINED = ("random",)  # models that take no training iteration: the same weights at every iteration
 # The MAML options the RL experiment uses; the others must keep their defaults. ``strategy`` is
 # how TRPO computes the tasks' inner steps and policy outputs (loop or vmap; auto: by device).
 MAML_OPTIONS = ("inner_lr", "inner_steps", "first_order", "adapt", "strategy")

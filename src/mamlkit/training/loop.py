@@ -297,13 +297,9 @@ class Trainer:
                     f"{self.run_dir} already holds a run; pass --resume to continue it or --out for a new one"
                 )
             self.restore()
-            if (
-                distributed.is_main()
-                and self._keeps(self.iteration)
-                and not kept_checkpoint(self.run_dir, self.iteration).exists()
-            ):  # killed between the save and the keep
-                self._keep()
             if distributed.is_main():
+                if self._keeps(self.iteration) and not kept_checkpoint(self.run_dir, self.iteration).exists():
+                    self._keep()  # killed between the save and the keep
                 done = self.iteration >= self.iterations
                 print(
                     f"{self.name}: already trained, {self.iteration} of {self.iterations} iterations; nothing to do"
@@ -352,7 +348,7 @@ class Trainer:
                         bar.set_postfix({k: f"{row[k]:.4g}" for k in self.show if k in row}, refresh=False)
                         bar.update(count)
                         window.restart_clock()  # validation and logging do not count as training time
-                    if it % self.checkpoint_every == 0 or final or (self.keep_every and it % self.keep_every == 0):
+                    if it % self.checkpoint_every == 0 or final or self._keeps(it):
                         if window.count:  # a row ends at every checkpoint: a resume then logs each iteration once
                             bar.update(window.count)
                             log.log(it, **window.flush())
