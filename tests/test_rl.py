@@ -310,7 +310,13 @@ def test_train_resume_eval_end_to_end(tmp_path, capsys):
     gain, ci = res["models"]["maml"]["gain_after_step_1"]
     assert gain == pytest.approx((per_task[:, -1] - per_task[:, 1]).mean().item()) and ci > 0
     assert res["models"]["oracle"]["gain_after_step_1"] is None
-    assert (out / "eval.md").exists()
+    # MAML minus each baseline, paired over the same tasks; the oracle's one value serves every step.
+    oracle = torch.tensor(res["models"]["oracle"]["per_task"])
+    for kind, other in (("pretrained", torch.tensor(res["models"]["pretrained"]["per_task"])), ("oracle", oracle)):
+        diff = res["maml_minus"][kind]
+        assert diff["mean"] == pytest.approx((per_task - other).mean(0).tolist())
+        assert diff["ci95"] == pytest.approx((1.96 * (per_task - other).std(0) / 2).tolist())  # 4 tasks: √4 = 2
+    assert "| MAML minus |" in (out / "eval.md").read_text()
     assert cli.main(["plot", str(out)]) == 0
     assert (out / "plots" / "return_vs_steps.png").exists()
     assert "note:" not in capsys.readouterr().out

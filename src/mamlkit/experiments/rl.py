@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..config import kwargs_for, to_dict
@@ -125,6 +126,7 @@ def evaluate(
     run_dir = Path(run_dir)
     kinds = trained_models(run_dir, MODELS, models, iteration, untrained=UNTRAINED)
     results: dict = {"models": {}}
+    per_task: dict[str, Tensor] = {}
     for kind in tqdm(kinds, desc="eval", disable=not progress):
         learner, cfg, trained_for, family = load_learner(run_dir, kind, device, overrides, iteration)
         e, adv = cfg.eval, _advantages(cfg)
@@ -158,8 +160,26 @@ def evaluate(
             "per_task": returns.cpu().tolist(),
             "eval_s": time.perf_counter() - t0,
         }
+        per_task[kind] = returns.cpu()
+    if "maml" in per_task:
+        results["maml_minus"] = maml_minus(per_task)
     write_eval(run_dir, results, format_table(results), name)
     return results
+
+
+def maml_minus(per_task: dict[str, Tensor]) -> dict:
+    """MAML's return minus each other model's after the same number of steps (the oracle's only
+    value for every step), paired over the shared test tasks: ``{model: {"mean", "ci95"}}``.
+    Pairing cancels how hard each task is, so a gap can be clear where the two CIs overlap."""
+    maml = per_task["maml"]
+    out = {}
+    for kind, other in per_task.items():
+        if kind == "maml":
+            continue
+        steps = maml.shape[1] if other.shape[1] == 1 else min(maml.shape[1], other.shape[1])
+        mean, ci = mean_ci(maml[:, :steps] - other[:, :steps].expand(-1, steps))
+        out[kind] = {"mean": mean.tolist(), "ci95": ci.tolist()}
+    return out
 
 
 def format_table(results: dict) -> str:
@@ -191,6 +211,21 @@ def format_table(results: dict) -> str:
     for kind, ref in results.get("paper", {}).items():
         cells = ["–" if r is None else f"{r:g}" for r in ref[:steps]] + [""] * (steps - len(ref[:steps]))
         lines.append(f"| paper: {MODELS[kind]} | 500 (max) | | " + " | ".join(cells) + " | |")
+    return head + "\n".join(lines) + "\n" + _paired_table(results.get("maml_minus", {}), steps)
+
+
+def _paired_table(diffs: dict, steps: int) -> str:
+    if not diffs:
+        return ""
+    head = (
+        "\nMAML minus each model after the same number of steps (the oracle takes none), "
+        "paired over the same test tasks (± 95% CI).\n\n"
+        "| MAML minus | " + " | ".join(map(steps_label, range(steps))) + " |\n|---|" + "---|" * steps + "\n"
+    )
+    lines = []
+    for kind, d in diffs.items():
+        cells = [f"{m:+.2f} ± {c:.2f}" for m, c in zip(d["mean"], d["ci95"])] + [""] * (steps - len(d["mean"]))
+        lines.append(f"| {MODELS[kind]} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
 
