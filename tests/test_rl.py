@@ -306,6 +306,7 @@ def test_train_resume_eval_end_to_end(tmp_path, capsys):
     assert set(res["models"]) == {"maml", "pretrained", "oracle", "random"}
     assert len(res["models"]["maml"]["returns"]) == 3 and len(res["models"]["oracle"]["returns"]) == 1
     assert len(res["models"]["maml"]["per_task"]) == 4
+    assert torch.tensor(res["test_tasks"]).shape == (4, 2)  # 2D goal positions, one per per_task row
     per_task = torch.tensor(res["models"]["maml"]["per_task"])
     gain, ci = res["models"]["maml"]["gain_after_step_1"]
     assert gain == pytest.approx((per_task[:, -1] - per_task[:, 1]).mean().item()) and ci > 0

@@ -135,6 +135,8 @@ def evaluate(
         results["paper"] = PAPER[cfg.env.name]
         # The same test tasks and the same action noise stream for every model.
         tasks = family.sample(e.num_tasks, torch.Generator().manual_seed(e.seed)).to(cfg.train.device)
+        # Row i of every model's per_task is test task i: its goal velocity, direction or position.
+        results["test_tasks"] = tasks.cpu().tolist()
         g = torch.Generator(cfg.train.device).manual_seed(e.seed + 1)
         t0 = time.perf_counter()
         steps = 0 if kind == "oracle" else e.steps
