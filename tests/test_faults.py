@@ -161,6 +161,47 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_does_not_block(tmp_path
     assert third.returncode == 0, out
 
 
+def test_models_trained_apart_with_only_are_those_of_the_whole_run(tmp_path, capsys):
+    three = ["--set", "models=[maml,pretrained,oracle]", "--set", "train.iterations=30"]
+    whole = ["train", "sinusoid", *FAST, *three, "--out", str(tmp_path / "whole")]
+    assert cli.main(whole) == 0
+    apart = ["train", "sinusoid", *FAST, *three, "--out", str(tmp_path / "apart")]
+    assert cli.main([*apart, "--only", "oracle"]) == 0
+    assert not (tmp_path / "apart/maml").exists()
+    assert cli.main([*apart, "--resume", "--only", "pretrained,maml"]) == 0
+    for kind in ("maml", "pretrained", "oracle"):  # each seeded by its place in models, not in --only
+        a, b = (
+            weights(tmp_path / "whole" / kind / "checkpoint.pt"),
+            weights(tmp_path / "apart" / kind / "checkpoint.pt"),
+        )
+        assert all(torch.equal(a[k], b[k]) for k in a), kind
+    assert "(training oracle only)" in (tmp_path / "apart/run.log").read_text()
+    capsys.readouterr()
+    assert cli.main([*apart, "--resume", "--only", "maml,bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "--only: bogus not among this run's models (maml, pretrained, oracle)" in err, err
+
+
+def test_a_second_process_trains_the_runs_other_models_beside_the_first(tmp_path):
+    args = ["train", "sinusoid", *FAST, "--out", "run", "--set", "models=[maml,pretrained]"]
+    first = start([*args, "--only", "maml", "--set", "train.iterations=100000"], tmp_path)
+    wait_for(tmp_path / "run/maml/checkpoint.pt", first)
+    for clash in ([], ["--only", "maml"]):  # the whole run, or maml again: maml is taken
+        second = start([*args, "--resume", *clash], tmp_path)
+        out, _ = second.communicate(timeout=120)
+        assert second.returncode == 2 and f"run/maml is in use by process {first.pid}" in out, out
+        assert "beside it with --only" in out
+    beside = start([*args, "--resume", "--only", "pretrained", "--set", "train.iterations=30"], tmp_path)
+    out, _ = beside.communicate(timeout=600)
+    assert beside.returncode == 0 and first.poll() is None, out
+    assert torch.load(tmp_path / "run/pretrained/checkpoint.pt", weights_only=False)["iteration"] == 30
+    evaluation = start(["eval", "run", "--set", "eval.num_tasks=5", "--set", "eval.shots=[5]"], tmp_path)
+    out, _ = evaluation.communicate(timeout=300)
+    assert evaluation.returncode == 0 and f"is still training (process {first.pid}" in out, out
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+
+
 # -- evaluation ---------------------------------------------------------------------------------------
 
 

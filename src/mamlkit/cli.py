@@ -97,6 +97,7 @@ def cmd_train(args) -> int:
         cfg = experiments.build_config(config_lib.apply_overrides(config_lib.load_raw(args.config), args.set))
     config_lib.check_device(cfg.train.device, "train.device", present=True)
     exp = experiments.get(cfg.experiment)
+    only = _only(args.only, cfg) if args.only else {}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.train.device.startswith("cuda:"):
         raise ValueError(
             f"train.device={cfg.train.device} under torchrun would put every process on one GPU; "
@@ -107,7 +108,7 @@ def cmd_train(args) -> int:
     if distributed.active() and main:
         print(f"{distributed.world_size()} processes: each computes its share of every meta-batch")
     try:
-        finished = exp.train(cfg, out, resume=args.resume, progress=not args.quiet, changes=changes)
+        finished = exp.train(cfg, out, resume=args.resume, progress=not args.quiet, changes=changes, **only)
     except BaseException as e:
         if not args.resume and not isinstance(e, runs.RunLockedError | FileExistsError):
             runs.abandon_if_untrained(out)  # a failed start leaves nothing that blocks the corrected command
@@ -119,6 +120,21 @@ def cmd_train(args) -> int:
     if main:
         print(f"trained: {out}   next: mamlkit eval {out}")
     return 0
+
+
+def _only(names: str, cfg) -> dict:
+    """``--only`` as ``train``'s keyword: some of the run's models, checked against ``models``."""
+    models = getattr(cfg, "models", None)
+    if models is None:
+        raise ValueError(f"--only: a {cfg.experiment} run trains one model; leave --only out")
+    only = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in only if n not in models]
+    if unknown or not only:
+        raise ValueError(
+            f"--only: {', '.join(unknown) or 'no model'} not among this run's models ({', '.join(models)}); "
+            "--only picks some of them, --set models=[...] changes them for a new run"
+        )
+    return {"only": only}
 
 
 def cmd_eval(args) -> int:
@@ -182,6 +198,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default: runs/<preset>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--only",
+        metavar="M1,M2",
+        help="train only these of the run's models (each exactly as the whole run would), "
+        "e.g. `--only maml` in one process and `--resume --only pretrained,oracle` in another",
+    )
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="evaluate a trained run (writes eval.json and eval.md)")
     e.add_argument("run_dir")

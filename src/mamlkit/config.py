@@ -296,8 +296,9 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def dump(cfg, path: Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def dumps(cfg) -> str:
+    """A resolved config as the YAML a run saves (config.yaml)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def kwargs_for(fn, section) -> dict:

@@ -83,19 +83,24 @@ def trained_models(
     return [k for k in known if k in chosen] if chosen else present
 
 
-def train_models(cfg, run_dir, resume: bool, progress: bool, changes: dict | None, build, **options) -> bool:
-    """Train each model of ``cfg.models`` into ``run_dir/<model>/`` in turn, model ``i`` seeded
-    with ``train.seed + i`` (its initialisation, then its task stream from ``seed + 100``), all
-    under one time limit. ``build(model)`` returns ``(learner, update, trainer options)``;
-    ``options`` go to every model's ``Trainer``. False if training stopped early."""
-    run_dir = start_run(cfg, run_dir, resume, changes)
+def train_models(
+    cfg, run_dir, resume: bool, progress: bool, changes: dict | None, build, only: list[str] | None = None, **options
+) -> bool:
+    """Train each model of ``cfg.models`` (those in ``only``, if given) into ``run_dir/<model>/``
+    in turn, model ``i`` of ``cfg.models`` seeded with ``train.seed + i`` (its initialisation, then
+    its task stream from ``seed + 100``), all under one time limit. A model trained alone with
+    ``only``, in its own process, is the one the whole run would train. ``build(model)`` returns
+    ``(learner, update, trainer options)``; ``options`` go to every model's ``Trainer``. False if
+    training stopped early."""
+    kinds = [k for k in cfg.models if only is None or k in only]
+    run_dir = start_run(cfg, run_dir, resume, changes, models=kinds)
     t = cfg.train
     stop_at = deadline(t.time_limit)
-    for i, kind in enumerate(cfg.models):
-        if i and time.monotonic() > stop_at:  # the time is up: no next model, not even one iteration
+    for n, kind in enumerate(kinds):
+        if n and time.monotonic() > stop_at:  # the time is up: no next model, not even one iteration
             print(f"time limit reached before {kind}; --resume continues")
             return False
-        seed = t.seed + i
+        seed = t.seed + cfg.models.index(kind)
         torch.manual_seed(seed)
         learner, update, own = build(kind)
         trainer = Trainer(

@@ -77,9 +77,14 @@ def make_update(cfg: RLConfig, learner: MAML, family) -> MetaTRPOUpdate:
 
 
 def train(
-    cfg: RLConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, changes: dict | None = None
+    cfg: RLConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    changes: dict | None = None,
+    only: list[str] | None = None,
 ) -> bool:
-    """Train every model in ``cfg.models`` into ``run_dir/<kind>/``; False if interrupted."""
+    """Train every model in ``cfg.models`` (or those in ``only``) into ``run_dir/<kind>/``; False if interrupted."""
 
     def build(kind: str):
         family = make_tasks(cfg.env, oracle=kind == "oracle")
@@ -93,6 +98,7 @@ def train(
         progress,
         changes,
         build,
+        only,
         hint=f"a step too large (maml.inner_lr={cfg.maml.inner_lr:g}, algo.max_kl={cfg.algo.max_kl:g})",
         show=("return_post", "return"),
     )

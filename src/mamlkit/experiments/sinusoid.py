@@ -56,9 +56,14 @@ def make_sampler(cfg: SinusoidConfig, kind: str, tasks: SinusoidTasks):
 
 
 def train(
-    cfg: SinusoidConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, changes: dict | None = None
+    cfg: SinusoidConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    changes: dict | None = None,
+    only: list[str] | None = None,
 ) -> bool:
-    """Train every model in ``cfg.models`` into ``run_dir/<kind>/``; False if interrupted."""
+    """Train every model in ``cfg.models`` (or those in ``only``) into ``run_dir/<kind>/``; False if interrupted."""
     t = cfg.train
 
     def build(kind: str):
@@ -67,7 +72,7 @@ def train(
         return learner, AdamUpdate(learner, sample, t.meta_lr, t.grad_clip), {}
 
     hint = f"a step size too large (train.meta_lr={t.meta_lr:g}, maml.inner_lr={cfg.maml.inner_lr:g})"
-    return train_models(cfg, run_dir, resume, progress, changes, build, hint=hint)
+    return train_models(cfg, run_dir, resume, progress, changes, build, only, hint=hint)
 
 
 def load_learner(

@@ -45,48 +45,57 @@ RESUMABLE = (
     "eval.*",
 )
 
-_held: dict[Path, int] = {}  # run directory -> the open file descriptor of its lock
+_held: dict[Path, int] = {}  # locked directory -> the open file descriptor of its lock
 
 
 class RunLockedError(RuntimeError):
     pass
 
 
-def lock(run_dir: Path) -> None:
-    """Hold ``run_dir`` for this process (an advisory ``flock``, released when the process ends,
-    however it ends: a killed run leaves no lock behind). Another holder is named and refused."""
-    run_dir = Path(run_dir).resolve()
-    if run_dir in _held:
+def lock(directory: Path, shared: bool = False, hint: str = "") -> None:
+    """Hold ``directory`` for this process (an advisory ``flock``, released when the process ends,
+    however it ends: a killed run leaves no lock behind); another holder is named and refused.
+    A run directory is held ``shared`` by processes that each train some of its models and hold
+    those models' directories exclusively; a process that holds it exclusively excludes them all."""
+    directory = Path(directory).resolve()
+    if directory in _held:
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise RunLockedError(
-            f"{run_dir} is in use by {holder}; wait for it to finish (or stop it), or train into another --out"
+            f"{directory} is in use by {holder}; wait for it to finish (or stop it){hint}, or train into another --out"
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"process {os.getpid()} on {os.uname().nodename} since {_now()}".encode())
-    _held[run_dir] = fd
+    if not shared:  # shared holders leave the text to the exclusive holders of the models
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {os.uname().nodename} since {_now()}".encode())
+    _held[directory] = fd
 
 
-def holder(run_dir: Path) -> str | None:
-    """Who holds ``run_dir``'s lock (a run training in it), or None."""
-    path = Path(run_dir) / LOCK
-    if not path.exists() or Path(run_dir).resolve() in _held:  # not held, or held by this process
+def _held_by(path: Path) -> str | None:
+    """The text of the lock file ``path`` if another process holds it, else None."""
+    if not path.exists() or path.parent.resolve() in _held:  # not held, or held by this process
         return None
     fd = os.open(path, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     except BlockingIOError:
         return os.read(fd, 200).decode(errors="replace").strip() or "another process"
     finally:
         os.close(fd)
+
+
+def holder(run_dir: Path) -> str | None:
+    """Who is training in ``run_dir`` (the processes holding its models, or the run), or None."""
+    run_dir = Path(run_dir)
+    models = [t for p in sorted(run_dir.glob(f"*/{LOCK}")) if (t := _held_by(p))]
+    return "; ".join(dict.fromkeys(models)) or _held_by(run_dir / LOCK)
 
 
 def changed_settings(saved: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
@@ -145,27 +154,47 @@ def log_event(run_dir: str | Path, text: str) -> None:
             f.write(f"{_now()} {text}\n")
 
 
-def start_run(cfg, run_dir: str | Path, resume: bool, changes: dict | None = None) -> Path:
+def start_run(
+    cfg, run_dir: str | Path, resume: bool, changes: dict | None = None, models: list[str] | None = None
+) -> Path:
     """Lock ``run_dir``, save the resolved config in it, note the start in ``run.log`` and apply
     ``train.threads``; refuse to reuse a run's directory without ``resume`` (its config and
-    checkpoints stay as they were). Temporary files of checkpoints whose writing was killed
-    are removed (the lock guarantees no one is writing them)."""
+    checkpoints stay as they were). With ``models`` (the model directories this process trains),
+    the run is held shared and those models alone exclusively, so that other processes may train
+    the run's other models beside it. Temporary files of checkpoints whose writing was killed are
+    removed (the lock guarantees no one is writing them)."""
     run_dir = Path(run_dir)
     if distributed.broadcast((run_dir / "config.yaml").exists()) and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or --out for a new one")
 
     def write() -> None:  # under torchrun, rank 0 alone writes the run's files
-        lock(run_dir)
-        for tmp in run_dir.rglob(".*.pt.*.tmp"):
+        if models is None:
+            lock(run_dir)
+        else:
+            lock(run_dir, shared=True)
+            for kind in models:
+                lock(run_dir / kind, hint=", train the run's other models beside it with --only")
+        mine = [run_dir] if models is None else [run_dir / kind for kind in models]
+        for tmp in (p for d in mine for p in d.rglob(".*.pt.*.tmp")):
             tmp.unlink(missing_ok=True)
-        config_lib.dump(cfg, run_dir / "config.yaml")
+        write_atomic(run_dir / "config.yaml", config_lib.dumps(cfg))  # another process may read it now
         changed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in (changes or {}).items())
-        log_event(run_dir, ("resumed" + (f", changing {changed}" if changed else "")) if resume else "started")
+        event = ("resumed" + (f", changing {changed}" if changed else "")) if resume else "started"
+        if models is not None and models != list(cfg.models):
+            event += f" (training {', '.join(models)} only)"
+        log_event(run_dir, event)
 
     distributed.on_main(write)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     return run_dir
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """``path`` holds either its old text or ``text``, never a mix, whoever reads it meanwhile."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def abandon_if_untrained(run_dir: str | Path) -> None:
