@@ -185,21 +185,86 @@ def test_models_trained_apart_with_only_are_those_of_the_whole_run(tmp_path, cap
 def test_a_second_process_trains_the_runs_other_models_beside_the_first(tmp_path):
     args = ["train", "sinusoid", *FAST, "--out", "run", "--set", "models=[maml,pretrained]"]
     first = start([*args, "--only", "maml", "--set", "train.iterations=100000"], tmp_path)
-    wait_for(tmp_path / "run/maml/checkpoint.pt", first)
-    for clash in ([], ["--only", "maml"]):  # the whole run, or maml again: maml is taken
-        second = start([*args, "--resume", *clash], tmp_path)
-        out, _ = second.communicate(timeout=120)
-        assert second.returncode == 2 and f"run/maml is in use by process {first.pid}" in out, out
-        assert "beside it with --only" in out
-    beside = start([*args, "--resume", "--only", "pretrained", "--set", "train.iterations=30"], tmp_path)
-    out, _ = beside.communicate(timeout=600)
-    assert beside.returncode == 0 and first.poll() is None, out
-    assert torch.load(tmp_path / "run/pretrained/checkpoint.pt", weights_only=False)["iteration"] == 30
-    evaluation = start(["eval", "run", "--set", "eval.num_tasks=5", "--set", "eval.shots=[5]"], tmp_path)
-    out, _ = evaluation.communicate(timeout=300)
-    assert evaluation.returncode == 0 and f"is still training (process {first.pid}" in out, out
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=60)
+    try:
+        wait_for(tmp_path / "run/maml/checkpoint.pt", first)
+        for clash in ([], ["--only", "maml"]):  # the whole run, or maml again: maml is taken
+            second = start([*args, "--resume", *clash], tmp_path)
+            out, _ = second.communicate(timeout=120)
+            assert second.returncode == 2 and f"run/maml is in use by process {first.pid}" in out, out
+            assert "beside it with --only" in out
+        beside = start([*args, "--resume", "--only", "pretrained", "--set", "train.iterations=30"], tmp_path)
+        out, _ = beside.communicate(timeout=600)
+        assert beside.returncode == 0 and first.poll() is None, out
+        # Its changed setting is the run's from now on, and it says so.
+        assert f"note: process {first.pid}" in out and "train.iterations" in out, out
+        assert torch.load(tmp_path / "run/pretrained/checkpoint.pt", weights_only=False)["iteration"] == 30
+        evaluation = start(["eval", "run", "--set", "eval.num_tasks=5", "--set", "eval.shots=[5]"], tmp_path)
+        out, _ = evaluation.communicate(timeout=300)
+        assert evaluation.returncode == 0 and f"is still training (process {first.pid}" in out, out
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+
+
+def test_a_run_held_whole_refuses_only_and_a_failed_start_beside_another_leaves_its_files(tmp_path, monkeypatch):
+    hold = (  # a process holding the whole run, as a few-shot run (or an older mamlkit) does
+        "import sys, time; from pathlib import Path; from mamlkit.training import runs; "
+        "runs.lock(Path(sys.argv[1]), shared=sys.argv[2] == 'shared'); "
+        "[runs.lock(Path(sys.argv[1]) / m) for m in sys.argv[3:]]; print('held', flush=True); time.sleep(600)"
+    )
+
+    def holding(*args: str) -> subprocess.Popen:
+        p = subprocess.Popen(
+            [sys.executable, "-c", hold, str(tmp_path / "run"), *args], stdout=subprocess.PIPE, text=True
+        )
+        assert p.stdout.readline().strip() == "held"
+        return p
+
+    assert train(tmp_path, "--set", "models=[maml,pretrained]", "--set", "train.iterations=2") == 0
+    whole = holding("exclusive")
+    try:
+        assert (
+            cli.main(["train", "sinusoid", "--out", str(tmp_path / "run"), *FAST, "--resume", "--only", "pretrained"])
+            == 2
+        )
+        from mamlkit.training import runs
+
+        assert runs.holder(tmp_path / "run").startswith(f"process {whole.pid} ")
+    finally:
+        whole.kill()
+        whole.wait(timeout=60)
+    # A fresh start that fails before its first checkpoint, while another process trains a model of
+    # the run: what the run holds stays (it is the other process's too).
+    fresh = tmp_path / "fresh"
+    other = subprocess.Popen(
+        [sys.executable, "-c", hold, str(fresh), "shared", "pretrained"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert other.stdout.readline().strip() == "held"
+        (fresh / "pretrained/metrics.csv").write_text("iteration,loss\n")
+        from mamlkit.experiments import sinusoid
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("the model could not be built")
+
+        monkeypatch.setattr(sinusoid, "make_learner", fail)
+        args = ["train", "sinusoid", "--out", str(fresh), *FAST, "--set", "models=[maml,pretrained]"]
+        assert cli.main([*args, "--only", "maml"]) == 2
+        assert (fresh / "config.yaml").exists() and (fresh / "pretrained/metrics.csv").read_text() == "iteration,loss\n"
+    finally:
+        other.kill()
+        other.wait(timeout=60)
+
+
+def test_only_names_some_of_the_runs_models(tmp_path, capsys):
+    for only, message in (
+        ("", "--only: no model named; name some of this run's models (maml)"),
+        ("oracle", "--only: oracle not among this run's models (maml)"),
+    ):
+        assert train(tmp_path / only, "--only", only) == 2
+        assert message in capsys.readouterr().err
+    assert train(tmp_path, "--set", "models=[maml,maml]") == 2
+    assert "models: maml listed more than once" in capsys.readouterr().err
 
 
 # -- evaluation ---------------------------------------------------------------------------------------

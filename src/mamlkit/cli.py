@@ -97,7 +97,7 @@ def cmd_train(args) -> int:
         cfg = experiments.build_config(config_lib.apply_overrides(config_lib.load_raw(args.config), args.set))
     config_lib.check_device(cfg.train.device, "train.device", present=True)
     exp = experiments.get(cfg.experiment)
-    only = _only(args.only, cfg) if args.only else {}
+    only = _only(args.only, cfg) if args.only is not None else {}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.train.device.startswith("cuda:"):
         raise ValueError(
             f"train.device={cfg.train.device} under torchrun would put every process on one GPU; "
@@ -114,6 +114,7 @@ def cmd_train(args) -> int:
             runs.abandon_if_untrained(out)  # a failed start leaves nothing that blocks the corrected command
         raise
     finally:
+        runs.release(out)
         distributed.teardown()
     if not finished:
         return 130
@@ -128,10 +129,12 @@ def _only(names: str, cfg) -> dict:
     if models is None:
         raise ValueError(f"--only: a {cfg.experiment} run trains one model; leave --only out")
     only = [n.strip() for n in names.split(",") if n.strip()]
+    if not only:
+        raise ValueError(f"--only: no model named; name some of this run's models ({', '.join(models)})")
     unknown = [n for n in only if n not in models]
-    if unknown or not only:
+    if unknown:
         raise ValueError(
-            f"--only: {', '.join(unknown) or 'no model'} not among this run's models ({', '.join(models)}); "
+            f"--only: {', '.join(unknown)} not among this run's models ({', '.join(models)}); "
             "--only picks some of them, --set models=[...] changes them for a new run"
         )
     return {"only": only}

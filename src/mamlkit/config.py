@@ -114,6 +114,12 @@ def check_pair(v: list[float], key: str) -> None:
         raise ConfigError(f"{key}: expected [low, high] with low <= high, got {v}")
 
 
+def check_unique(v: list, key: str) -> None:
+    twice = sorted({x for x in v if v.count(x) > 1})
+    if twice:
+        raise ConfigError(f"{key}: {', '.join(map(str, twice))} listed more than once; list each once")
+
+
 # -- loading --------------------------------------------------------------------------------
 
 

@@ -5,7 +5,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, MAMLConfig, TrainConfig, apply_overrides, build, check_pair, load_raw, spec, to_dict
+from ..config import (
+    ConfigError,
+    MAMLConfig,
+    TrainConfig,
+    apply_overrides,
+    build,
+    check_pair,
+    check_unique,
+    load_raw,
+    spec,
+    to_dict,
+)
 from ..models import CLASSIFIER_DATASET, CLASSIFIERS
 from ..rl.config import RLConfig
 
@@ -59,6 +70,7 @@ class SinusoidConfig:
         unknown = set(self.models) - {"maml", "pretrained", "oracle"}
         if unknown or not self.models:
             raise ConfigError(f"models: {sorted(unknown) or 'empty'} not allowed; choose from maml, pretrained, oracle")
+        check_unique(self.models, "models")
         if any(k < 1 for k in self.eval.shots):
             raise ConfigError(f"eval.shots: every K must be >= 1, got {self.eval.shots}")
 

@@ -62,18 +62,39 @@ def lock(directory: Path, shared: bool = False, hint: str = "") -> None:
         return
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise RunLockedError(
-            f"{directory} is in use by {holder}; wait for it to finish (or stop it){hint}, or train into another --out"
-        ) from None
+    for attempt in range(3):  # ``holder`` probes a lock for an instant: try again before refusing
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt < 2:
+                time.sleep(0.05)
+                continue
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunLockedError(
+                f"{directory} is in use by {holder}; wait for it to finish (or stop it){hint}, "
+                "or train into another --out"
+            ) from None
     if not shared:  # shared holders leave the text to the exclusive holders of the models
         os.ftruncate(fd, 0)
         os.write(fd, f"process {os.getpid()} on {os.uname().nodename} since {_now()}".encode())
     _held[directory] = fd
+
+
+def unlock(directory: Path) -> None:
+    """Release ``directory`` if this process holds it."""
+    fd = _held.pop(Path(directory).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def release(run_dir: Path) -> None:
+    """Release every lock this process holds on ``run_dir`` and its models (a training call has
+    ended: another process may go on with the run)."""
+    run_dir = Path(run_dir).resolve()
+    for d in [d for d in _held if d == run_dir or run_dir in d.parents]:
+        unlock(d)
 
 
 def _held_by(path: Path) -> str | None:
@@ -95,7 +116,8 @@ def holder(run_dir: Path) -> str | None:
     """Who is training in ``run_dir`` (the processes holding its models, or the run), or None."""
     run_dir = Path(run_dir)
     models = [t for p in sorted(run_dir.glob(f"*/{LOCK}")) if (t := _held_by(p))]
-    return "; ".join(dict.fromkeys(models)) or _held_by(run_dir / LOCK)
+    by_process = {t.split(" since ")[0]: t for t in reversed(models)}  # one process, several models
+    return "; ".join(reversed(by_process.values())) or _held_by(run_dir / LOCK)
 
 
 def changed_settings(saved: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
@@ -171,13 +193,27 @@ def start_run(
         if models is None:
             lock(run_dir)
         else:
-            lock(run_dir, shared=True)
-            for kind in models:
-                lock(run_dir / kind, hint=", train the run's other models beside it with --only")
-        mine = [run_dir] if models is None else [run_dir / kind for kind in models]
-        for tmp in (p for d in mine for p in d.rglob(".*.pt.*.tmp")):
+            mine = [(run_dir, True), *((run_dir / kind, False) for kind in models)]
+            taken = [d for d, _ in mine if d.resolve() not in _held]
+            try:
+                for d, shared in mine:
+                    lock(d, shared, hint=", train the run's other models beside it with --only")
+            except RunLockedError:  # hold none of them: another process may want the ones that were free
+                for d in taken:
+                    unlock(d)
+                raise
+            others = holder(run_dir)
+            if others and changes:
+                print(
+                    f"note: {others} trains other models of {run_dir}; its config.yaml now has this start's "
+                    f"{', '.join(changes)}, which later resumes of every model read"
+                )
+        dirs = [run_dir] if models is None else [run_dir / kind for kind in models]
+        for tmp in (p for d in dirs for p in d.rglob(".*.pt.*.tmp")):
             tmp.unlink(missing_ok=True)
-        write_atomic(run_dir / "config.yaml", config_lib.dumps(cfg))  # another process may read it now
+        # A fresh start creates config.yaml only if no other start just did; a resume replaces it
+        # whole, as another process may be reading it.
+        write_atomic(run_dir / "config.yaml", config_lib.dumps(cfg), create=not resume)
         changed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in (changes or {}).items())
         event = ("resumed" + (f", changing {changed}" if changed else "")) if resume else "started"
         if models is not None and models != list(cfg.models):
@@ -190,18 +226,32 @@ def start_run(
     return run_dir
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """``path`` holds either its old text or ``text``, never a mix, whoever reads it meanwhile."""
+def write_atomic(path: Path, text: str, create: bool = False) -> None:
+    """``path`` holds either its old text or ``text``, never a mix, whoever reads it meanwhile;
+    with ``create``, FileExistsError if ``path`` exists (two starts racing for one run)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
-    os.replace(tmp, path)
+    if not create:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(
+            f"{path.parent} already holds a run; pass --resume to continue it or --out for a new one"
+        ) from None
+    finally:
+        tmp.unlink()
 
 
 def abandon_if_untrained(run_dir: str | Path) -> None:
     """After a failed start: remove what ``start_run`` wrote if no checkpoint exists yet, so the
-    corrected command can start the run again (a run with checkpoints is never touched)."""
+    corrected command can start the run again (a run with checkpoints, or in which another
+    process trains, is never touched)."""
     run_dir = Path(run_dir)
     if not distributed.is_main() or not (run_dir / "config.yaml").exists() or any(run_dir.rglob("*.pt")):
+        return
+    if holder(run_dir):  # another process trains other models of the run (--only): its files stay
         return
     for name in ("config.yaml", LOG, "metrics.csv"):
         for path in [run_dir / name, *run_dir.glob(f"*/{name}")]:
