@@ -206,7 +206,9 @@ def test_a_second_process_trains_the_runs_other_models_beside_the_first(tmp_path
         first.wait(timeout=60)
 
 
-def test_a_run_held_whole_refuses_only_and_a_failed_start_beside_another_leaves_its_files(tmp_path, monkeypatch):
+def test_a_run_held_whole_refuses_only_and_a_failed_start_beside_another_leaves_its_files(
+    tmp_path, monkeypatch, capsys
+):
     hold = (  # a process holding the whole run, as a few-shot run (or an older mamlkit) does
         "import sys, time; from pathlib import Path; from mamlkit.training import runs; "
         "runs.lock(Path(sys.argv[1]), shared=sys.argv[2] == 'shared'); "
@@ -220,13 +222,13 @@ def test_a_run_held_whole_refuses_only_and_a_failed_start_beside_another_leaves_
         assert p.stdout.readline().strip() == "held"
         return p
 
-    assert train(tmp_path, "--set", "models=[maml,pretrained]", "--set", "train.iterations=2") == 0
+    args = ["train", "sinusoid", "--out", str(tmp_path / "run"), *FAST, "--set", "models=[maml,pretrained]"]
+    assert cli.main([*args, "--set", "train.iterations=2"]) == 0
     whole = holding("exclusive")
     try:
-        assert (
-            cli.main(["train", "sinusoid", "--out", str(tmp_path / "run"), *FAST, "--resume", "--only", "pretrained"])
-            == 2
-        )
+        assert cli.main([*args, "--resume", "--only", "pretrained"]) == 2
+        err = capsys.readouterr().err
+        assert f"in use by process {whole.pid} " in err and "--only" not in err.split("; ", 1)[1], err
         from mamlkit.training import runs
 
         assert runs.holder(tmp_path / "run").startswith(f"process {whole.pid} ")

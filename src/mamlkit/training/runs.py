@@ -197,7 +197,8 @@ def start_run(
             taken = [d for d, _ in mine if d.resolve() not in _held]
             try:
                 for d, shared in mine:
-                    lock(d, shared, hint=", train the run's other models beside it with --only")
+                    # --only helps where a model is taken, not where the whole run is
+                    lock(d, shared, hint="" if shared else ", train the run's other models beside it with --only")
             except RunLockedError:  # hold none of them: another process may want the ones that were free
                 for d in taken:
                     unlock(d)
