@@ -114,10 +114,14 @@ def check_pair(v: list[float], key: str) -> None:
         raise ConfigError(f"{key}: expected [low, high] with low <= high, got {v}")
 
 
-def check_unique(v: list, key: str) -> None:
-    twice = sorted({x for x in v if v.count(x) > 1})
+def check_models(models: list[str], allowed) -> None:
+    """A run's ``models``: not empty, each one of ``allowed``, none twice."""
+    unknown = set(models) - set(allowed)
+    if unknown or not models:
+        raise ConfigError(f"models: {sorted(unknown) or 'empty'} not allowed; choose from {', '.join(allowed)}")
+    twice = sorted({m for m in models if models.count(m) > 1})
     if twice:
-        raise ConfigError(f"{key}: {', '.join(map(str, twice))} listed more than once; list each once")
+        raise ConfigError(f"models: {', '.join(twice)} listed more than once; list each once")
 
 
 # -- loading --------------------------------------------------------------------------------

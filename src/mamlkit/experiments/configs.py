@@ -11,8 +11,8 @@ from ..config import (
     TrainConfig,
     apply_overrides,
     build,
+    check_models,
     check_pair,
-    check_unique,
     load_raw,
     spec,
     to_dict,
@@ -67,10 +67,7 @@ class SinusoidConfig:
         check_pair(self.task.amplitude, "task.amplitude")
         check_pair(self.task.phase, "task.phase")
         check_pair(self.task.x_range, "task.x_range")
-        unknown = set(self.models) - {"maml", "pretrained", "oracle"}
-        if unknown or not self.models:
-            raise ConfigError(f"models: {sorted(unknown) or 'empty'} not allowed; choose from maml, pretrained, oracle")
-        check_unique(self.models, "models")
+        check_models(self.models, ("maml", "pretrained", "oracle"))
         if any(k < 1 for k in self.eval.shots):
             raise ConfigError(f"eval.shots: every K must be >= 1, got {self.eval.shots}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ..config import ConfigError, MAMLConfig, check_pair, check_unique, spec
+from ..config import ConfigError, MAMLConfig, check_models, check_pair, spec
 from .families import FAMILIES
 
 # The models an RL run can train, in the order evaluation reports them, with their labels.
@@ -137,10 +137,7 @@ class RLConfig:
     eval: RLEvalConfig = field(default_factory=RLEvalConfig)
 
     def check(self) -> None:
-        unknown = set(self.models) - set(MODELS)
-        if unknown or not self.models:
-            raise ConfigError(f"models: {sorted(unknown) or 'empty'} not allowed; choose from {', '.join(MODELS)}")
-        check_unique(self.models, "models")
+        check_models(self.models, MODELS)
         check_pair(self.env.goal_range, "env.goal_range")
         if self.env.name != "navigation2d" and self.train.device == "auto":
             self.train.device = "cpu"  # the MuJoCo sampler's policy runs on the CPU, beside the simulator

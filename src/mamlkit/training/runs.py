@@ -187,7 +187,7 @@ def start_run(
     removed (the lock guarantees no one is writing them)."""
     run_dir = Path(run_dir)
     if distributed.broadcast((run_dir / "config.yaml").exists()) and not resume:
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or --out for a new one")
+        raise run_exists(run_dir)
 
     def write() -> None:  # under torchrun, rank 0 alone writes the run's files
         if models is None:
@@ -227,6 +227,10 @@ def start_run(
     return run_dir
 
 
+def run_exists(run_dir: Path) -> FileExistsError:
+    return FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or --out for a new one")
+
+
 def write_atomic(path: Path, text: str, create: bool = False) -> None:
     """``path`` holds either its old text or ``text``, never a mix, whoever reads it meanwhile;
     with ``create``, FileExistsError if ``path`` exists (two starts racing for one run)."""
@@ -238,9 +242,7 @@ def write_atomic(path: Path, text: str, create: bool = False) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise FileExistsError(
-            f"{path.parent} already holds a run; pass --resume to continue it or --out for a new one"
-        ) from None
+        raise run_exists(path.parent) from None
     finally:
         tmp.unlink()
 
