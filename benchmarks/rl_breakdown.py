@@ -56,7 +56,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="rl-halfcheetah-vel")
     p.add_argument("--iterations", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the presets use 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (MuJoCo presets: 0, every core)")
     p.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
