@@ -140,6 +140,14 @@ def test_plain_op_batchnorm_is_exact_under_vmap():
     # Same maths as torch's BatchNorm with batch statistics.
     x = torch.randn(8, 6)
     torch.testing.assert_close(BatchNorm(6)(x), F.batch_norm(x, None, None, training=True))
+    # Images (the conv models' case): statistics over batch and space, per channel, scale and shift.
+    norm = BatchNorm(6, affine="both")
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.normal_()
+    x = torch.randn(8, 6, 5, 4) * 3 + 1
+    want = F.batch_norm(x, None, None, norm.weight, norm.bias, training=True)
+    torch.testing.assert_close(norm(x), want)
 
 
 class SharedNet(nn.Module):
@@ -240,6 +248,40 @@ def test_meta_sgd_learned_step_sizes_match_finite_differences():
     maml = MAML(mlp(2, [6], 1, nn.Tanh), inner_lr=0.1, inner_steps=2, learn_inner_lr=True, strategy="vmap")
     assert len(list(maml.inner_lrs.parameters())) == 4
     assert_matches_fd(maml, make_batch())
+
+
+def test_meta_sgd_steps_each_element_by_its_own_learned_size():
+    # An independent Meta-SGD: p <- p - lr_p * grad_p elementwise with each parameter's own sizes,
+    # so step sizes given to the wrong parameter (or averaged) would show here and not in
+    # finite differences, which only check the gradient of whatever meta_loss computes.
+    torch.manual_seed(9)
+    model = mlp(2, [6], 1, nn.Tanh)
+    maml = MAML(model, inner_lr=0.1, inner_steps=2, learn_inner_lr=True)
+    names = [n for n, _ in model.named_parameters()]
+    with torch.no_grad():
+        for n in names:
+            maml.inner_lrs[n.replace(".", "__")].uniform_(0.01, 0.3)
+    batch = make_batch()
+
+    def by_hand(t: int) -> dict:
+        p = dict(model.named_parameters())
+        for _ in range(2):
+            out = torch.func.functional_call(model, p, (batch.support_inputs[t],))
+            grads = torch.autograd.grad(F.mse_loss(out, batch.support_targets[t]), list(p.values()), create_graph=True)
+            p = {n: p[n] - maml.inner_lrs[n.replace(".", "__")] * g for n, g in zip(names, grads)}
+        return p
+
+    for t in range(3):
+        adapted = maml.adapt(batch.support_inputs[t], batch.support_targets[t])
+        for n, v in by_hand(t).items():
+            torch.testing.assert_close(adapted[n], v)
+    want = torch.stack(
+        [
+            F.mse_loss(torch.func.functional_call(model, by_hand(t), (batch.query_inputs[t],)), batch.query_targets[t])
+            for t in range(3)
+        ]
+    ).mean()
+    torch.testing.assert_close(maml.meta_loss(batch), want)
 
 
 def test_running_statistics_are_refused_with_a_fix():

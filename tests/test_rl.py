@@ -20,7 +20,7 @@ from mamlkit.rl.config import RLEnvConfig  # noqa: E402
 from mamlkit.rl.metabatch import advantage_fn, sample_meta_batch  # noqa: E402
 from mamlkit.rl.navigation import Navigation2DEnv, NavigationBatch, sample_goals  # noqa: E402
 from mamlkit.rl.policy import GaussianMLPPolicy, kl, log_prob, reinforce_loss  # noqa: E402
-from mamlkit.rl.sampler import rollout  # noqa: E402
+from mamlkit.rl.sampler import Episodes, advantages, rollout  # noqa: E402
 from mamlkit.rl.tasks import NavigationTasks  # noqa: E402
 from mamlkit.rl.trpo import MetaTRPO, conjugate_gradient, conjugate_gradient_with_product  # noqa: E402
 
@@ -115,6 +115,43 @@ def test_linear_baseline_fits_a_linear_target():
     w = torch.tensor([1.0, -2.0, 0.5, 0.3, 4.0, -1.0, 2.0, 0.7], dtype=torch.float64)
     target = features(obs) @ w
     assert torch.allclose(fit_linear_baseline(obs, target, mask, reg=1e-10), target, atol=1e-5)
+
+
+def test_baseline_features_are_rllabs():
+    # rllab's LinearFeatureBaseline written out: observations clipped to [-10, 10], their squares,
+    # the step t / 100, its square and cube, and a constant, for each step of each trajectory.
+    obs = 8 * torch.randn(3, 5, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert obs.abs().max() > 10  # some values are clipped
+    for i in range(3):
+        for t in range(5):
+            o = obs[i, t].clamp(-10, 10)
+            s = t / 100
+            want = torch.tensor([*o.tolist(), *(o * o).tolist(), s, s**2, s**3, 1.0], dtype=torch.float64)
+            torch.testing.assert_close(features(obs)[i, t], want)
+
+
+def test_advantages_are_centred_per_task_on_valid_steps_only():
+    g = torch.Generator().manual_seed(2)
+    obs = torch.randn(2, 3, 6, 2, generator=g, dtype=torch.float64)
+    rewards = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
+    rewards[1] *= 100  # the tasks' scales differ: one normalisation over both would not centre each
+    mask = torch.ones(2, 3, 6, dtype=torch.float64)
+    mask[0, 1, 4:] = 0  # episodes that ended early
+    mask[1, 2, 2:] = 0
+    rewards = rewards * mask
+    ep = Episodes(obs, torch.zeros(2, 3, 6, 1, dtype=torch.float64), rewards, mask)
+    adv = advantages(ep, gamma=0.99, lam=1.0, center=True)
+    assert (adv[mask == 0] == 0).all()
+    for task in range(2):
+        valid = adv[task][mask[task].bool()]
+        assert valid.mean().abs() < 1e-9
+        assert valid.var(unbiased=False).sqrt().item() == pytest.approx(1.0, abs=1e-6)
+    # Uncentred: returns minus each task's own baseline (lambda = 1), fitted on that task alone.
+    raw = advantages(ep, gamma=0.99, lam=1.0, center=False)
+    for task in range(2):
+        returns = discounted_returns(rewards[task], mask[task], 0.99)
+        values = fit_linear_baseline(obs[task], returns, mask[task])
+        torch.testing.assert_close(raw[task], (returns - values) * mask[task])
 
 
 # -- TRPO pieces -----------------------------------------------------------------------------------
@@ -331,6 +368,37 @@ def test_train_resume_eval_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["plot", str(out)]) == 0
     assert "maml at iteration 2 (its checkpoint is now at 3)" in capsys.readouterr().out
+
+
+def test_maml_learns_to_adapt_on_2d_navigation(tmp_path):
+    # The paper's 2D navigation with a smaller policy and meta-batch for 15 meta-iterations: the
+    # learned initialisation must adapt in one step, and beat random initialisation on the same
+    # test tasks (paired), as in the paper's Figure 4.
+    out = tmp_path / "nav"
+    sets = [
+        "models=[maml,random]",
+        "train.iterations=15",
+        "train.meta_batch_size=10",
+        "train.trajectories=10",
+        "train.checkpoint_every=15",
+        "policy.hidden=[32,32]",
+        "eval.num_tasks=20",
+        "eval.trajectories=20",
+        "eval.steps=1",
+    ]
+    args = ["train", "rl-navigation2d-official", "--out", str(out), "--quiet"]
+    assert cli.main(args + [a for s in sets for a in ("--set", s)]) == 0
+    assert cli.main(["eval", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    maml = torch.tensor(res["models"]["maml"]["per_task"])
+    random_init = torch.tensor(res["models"]["random"]["per_task"])
+
+    def above_zero(x):  # the paired mean's 95% interval lies above zero
+        return (x.mean() - 1.96 * x.std() / math.sqrt(len(x))).item() > 0
+
+    assert above_zero(maml[:, 1] - maml[:, 0])  # the one step helps
+    assert above_zero(maml[:, 1] - random_init[:, 1])  # and beats random initialisation's step
+    assert above_zero(maml[:, 0] - random_init[:, 0])  # the initialisation itself is nearer the goals
 
 
 def test_time_limit_stops_with_a_resumable_checkpoint(tmp_path):

@@ -73,6 +73,76 @@ def test_mean_ci():
     assert mean.item() == 3.0 and math.isnan(ci.item())
 
 
+class LinearLearner(torch.nn.Module):
+    """A learner whose meta-gradient is the batch itself: the update's arithmetic shows exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4))
+
+    def meta_backward(self, batch):
+        loss = (self.w * batch).sum()
+        loss.backward()
+        return loss.detach()
+
+
+def scaled_noise(g: torch.Generator) -> torch.Tensor:
+    return torch.randn(4, generator=g) * torch.tensor([0.01, 0.5, 5.0, 50.0])
+
+
+def test_adam_update_clips_each_gradient_element():
+    def weights_after(grad_clip):
+        learner = LinearLearner()
+        update = AdamUpdate(learner, scaled_noise, meta_lr=0.1, grad_clip=grad_clip)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            update.step(g)
+        return learner.w.detach().clone()
+
+    # The same steps by hand: Adam on each gradient clamped to [-1, 1].
+    w = torch.nn.Parameter(torch.zeros(4))
+    adam = torch.optim.Adam([w], lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        w.grad = scaled_noise(g).clamp(-1, 1)
+        adam.step()
+    torch.testing.assert_close(weights_after(1.0), w.detach())
+    assert not torch.allclose(weights_after(None), w.detach())  # unclipped takes other steps
+
+
+def test_best_checkpoint_holds_the_best_validated_weights_across_a_resume(tmp_path):
+    scores = iter([0.3, 0.7, 0.5, 0.6])
+
+    def trainer(iterations):
+        learner = LinearLearner()
+        return Trainer(
+            tmp_path,
+            learner,
+            AdamUpdate(learner, scaled_noise, meta_lr=0.1),
+            torch.Generator().manual_seed(0),
+            iterations=iterations,
+            checkpoint_every=1,
+            log_every=1,
+            keep_every=1,
+            validate=lambda: {"acc": next(scores)},
+            validate_every=1,
+            select_on="acc",
+        )
+
+    trainer(3).fit(progress=False)
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    second = torch.load(tmp_path / "checkpoint-2.pt", weights_only=False)
+    assert best["iteration"] == 2 and best["acc"] == 0.7
+    assert torch.equal(best["learner"]["w"], second["learner"]["w"])
+    last = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert not torch.equal(best["learner"]["w"], last["learner"]["w"])
+    # Resumed, a score below the best so far (0.6 < 0.7) leaves best.pt alone.
+    trainer(4).fit(resume=True, progress=False)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["iteration"] == 4
+    assert torch.load(tmp_path / "best.pt", weights_only=False)["iteration"] == 2
+    assert next(scores, None) is None  # every iteration was validated
+
+
 def test_resume_continues_exactly(tmp_path):
     """A run killed after its first checkpoint and resumed ends where an uninterrupted run does."""
     # A fixed strategy: "auto" measures on the first batch, and on a loaded machine a resumed run
