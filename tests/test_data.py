@@ -163,6 +163,15 @@ def test_fake_omniglot_loads_sorted_and_split(fake_omniglot, tmp_path):
     assert d.images.shape == (6, 20, 28, 28)
     assert sorted(sum(d.splits.values(), [])) == list(range(6)) and len(d.splits["test"]) == 2
     assert set(d.images.unique().tolist()) <= {0.0, 1.0}
+    # Each character's drawings are its own PNGs, in file order: ink where the drawing is black,
+    # sampled at the nearest source pixel (105 -> 28 pixels).
+    nearest = ((np.arange(28) + 0.5) * 105 / 28).astype(int)
+    with zipfile.ZipFile(fake_omniglot / "images_background.zip") as zf:
+        for j in (0, 7, 19):
+            png = zf.read(f"images_background/Beta/character02/0002_{j + 1:02d}.png")
+            ink = ~np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=bool)
+            want = torch.tensor(ink[np.ix_(nearest, nearest)], dtype=d.images.dtype)
+            assert torch.equal(d.images[d.names.index("Beta/character02"), j], want), j
     gray = load_omniglot(fake_omniglot, resize="lanczos", cache_dir=tmp_path / "cache", split_sizes=(3, 1))
     assert ((gray.images > 0) & (gray.images < 1)).any(), "lanczos gives intermediate values"
     assert len(list((tmp_path / "cache").glob("omniglot_28_*.pt"))) == 2, "one cache file per resize mode"

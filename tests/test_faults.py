@@ -55,13 +55,27 @@ def test_divergence_stops_keeps_the_last_finite_checkpoint_and_exits_nonzero(tmp
     assert all(torch.isfinite(v).all() for v in state["learner"].values())
 
 
-def test_divergence_can_skip_batches_instead(tmp_path):
+def test_divergence_can_skip_batches_instead(tmp_path, monkeypatch):
+    from mamlkit.engine import NonFinite
+    from mamlkit.training import AdamUpdate
+
+    raised = []  # every batch the update refused, to compare with the count in the log
+    step = AdamUpdate.step
+
+    def counting_step(self, generator):
+        try:
+            return step(self, generator)
+        except NonFinite:
+            raised.append(1)
+            raise
+
+    monkeypatch.setattr(AdamUpdate, "step", counting_step)
     args = ["--set", "train.meta_lr=1e6", "--set", "train.iterations=20", "--set", "train.log_every=10"]
     assert train(tmp_path, *args, "--set", "train.nonfinite=skip") == 0
     rows = (tmp_path / "run/maml/metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     skipped = [float(r.split(",")[header.index("skipped")] or 0) for r in rows[1:]]
-    assert sum(skipped) >= 10  # counted, not hidden
+    assert len(raised) >= 10 and sum(skipped) == len(raised)  # counted, not hidden
     state = torch.load(tmp_path / "run/maml/checkpoint.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["learner"].values())
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from mamlkit import MAML, TaskBatch, cli, config
-from mamlkit.experiments import load_config
+from mamlkit.experiments import fewshot, load_config
+from mamlkit.experiments.fewshot import load_split
 from mamlkit.models import ADAPT_ALL_BUT_NORM, Conv4, MLPNet
 
 OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
@@ -132,7 +133,7 @@ def test_omniglot_5way_1shot_learns_end_to_end(tmp_path, capsys):
     assert (run / "plots" / "accuracy_vs_steps.png").exists()
 
 
-def test_miniimagenet_pipeline_runs_on_fake_pickles(tmp_path):
+def test_miniimagenet_pipeline_runs_on_fake_pickles(tmp_path, monkeypatch):
     """The MiniImagenet preset end to end on a tiny fake dataset in the pickle layout."""
     rng = np.random.default_rng(0)
     for split in ("train", "val", "test"):
@@ -155,10 +156,19 @@ def test_miniimagenet_pipeline_runs_on_fake_pickles(tmp_path):
         f"data.cache_dir={tmp_path / 'cache'}",
     ]
     args = ["train", "miniimagenet-5way-1shot", "--out", str(run), "--quiet"] + [a for s in sets for a in ("--set", s)]
+    read = []  # the splits each phase reads: training meta-learns on train and selects on val only
+    monkeypatch.setattr(fewshot, "load_split", lambda cfg, split: read.append(split) or load_split(cfg, split))
     assert cli.main(args) == 0
+    assert sorted(set(read)) == ["train", "val"]
     assert cli.main(["plot", str(run)]) == 0  # before any evaluation: the learning curves alone
     assert (run / "plots" / "training_loss.png").exists() and not (run / "plots" / "accuracy_vs_steps.png").exists()
+    read.clear()
     assert cli.main(["eval", str(run)]) == 0
+    assert set(read) == {"test"}
     results = json.loads((run / "eval.json").read_text())
+    assert results["source"]["checkpoint"] == "best.pt"
     assert set(results["protocols"]) == {"paper", "modern"}
-    assert all(0 <= a <= 100 for a in results["protocols"]["modern"]["acc"])
+    assert results["protocols"]["paper"]["query_per_class"] == 1  # the paper's query set: K per class
+    for protocol in results["protocols"].values():
+        assert len(protocol["acc"]) == 3  # 0, 1 and 2 steps
+        assert all(0 <= a <= 100 for a in protocol["acc"])

@@ -140,8 +140,10 @@ def test_halfcheetah_training_is_reproducible_and_resumes_exactly(tmp_path):
     for name in ("a", "b"):
         assert cli.main([*base, "--out", str(tmp_path / name), "--set", "train.iterations=3"]) == 0
     assert cli.main([*base, "--out", str(tmp_path / "c"), "--set", "train.iterations=1"]) == 0
+    first = torch.load(tmp_path / "c" / "maml" / "checkpoint.pt", weights_only=False)["learner"]
     assert cli.main([*base, "--out", str(tmp_path / "c"), "--resume", "--set", "train.iterations=3"]) == 0
     a = torch.load(tmp_path / "a" / "maml" / "checkpoint.pt", weights_only=False)["learner"]
+    assert not all(torch.equal(a[k], first[k]) for k in a)  # the meta-updates moved the policy
     for name in ("b", "c"):
         b = torch.load(tmp_path / name / "maml" / "checkpoint.pt", weights_only=False)["learner"]
         assert all(torch.equal(a[k], b[k]) for k in a), name

@@ -143,6 +143,34 @@ def test_best_checkpoint_holds_the_best_validated_weights_across_a_resume(tmp_pa
     assert next(scores, None) is None  # every iteration was validated
 
 
+def test_test_tasks_are_nested_over_k_and_the_same_for_every_model():
+    cfg = small_cfg()
+    five = sinusoid.test_tasks(cfg, "maml", 6, 5, seed=3)
+    ten = sinusoid.test_tasks(cfg, "pretrained", 6, 10, seed=3)
+    assert torch.equal(ten.support_inputs[:, :5], five.support_inputs)  # K=5 is the first 5 of K=10's
+    assert torch.equal(ten.support_targets[:, :5], five.support_targets)
+    assert torch.equal(ten.query_inputs, five.query_inputs) and torch.equal(ten.query_targets, five.query_targets)
+    other = sinusoid.test_tasks(cfg, "maml", 6, 5, seed=4)
+    assert not torch.equal(other.query_targets, five.query_targets)
+
+
+def test_pretrained_step_size_is_chosen_on_held_out_tasks_and_never_a_diverged_one():
+    cfg = small_cfg(**{"eval.tune_lrs": "[0.001,0.01,0.1]"})
+    seen = []
+
+    class Stub:  # query MSE after 0..steps steps for each step size: 0.1 diverges, 0.01 is best
+        def adaptation_curve(self, batch, steps, lr):
+            seen.append(batch)
+            per_step = {0.001: 1.0, 0.01: 0.5, 0.1: float("nan")}[lr]
+            return {"loss": torch.full((batch.query_inputs.shape[0], steps + 1), per_step)}
+
+    lr, scores = sinusoid._tune_lr(Stub(), cfg, "pretrained", 5)
+    assert lr == 0.01 and scores["0.1"] == float("inf")
+    test = sinusoid.test_tasks(cfg, "pretrained", cfg.eval.num_tasks, 5, cfg.eval.seed)
+    assert len(seen[0].query_inputs) == cfg.eval.tune_tasks
+    assert not torch.equal(seen[0].support_targets[:1], test.support_targets[:1])  # never the test tasks
+
+
 def test_resume_continues_exactly(tmp_path):
     """A run killed after its first checkpoint and resumed ends where an uninterrupted run does."""
     # A fixed strategy: "auto" measures on the first batch, and on a loaded machine a resumed run
