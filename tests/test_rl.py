@@ -338,6 +338,9 @@ def test_train_resume_eval_end_to_end(tmp_path, capsys):
         a = torch.load(out / kind / "checkpoint.pt", weights_only=False)["learner"]
         b = torch.load(half / kind / "checkpoint.pt", weights_only=False)["learner"]
         assert all(torch.equal(a[k], b[k]) for k in a), kind
+    assert cli.main(["plot", str(out)]) == 0  # before any evaluation: the training curves alone
+    assert (out / "plots" / "training_returns.png").exists()
+    assert not (out / "plots" / "return_vs_steps.png").exists()
     assert cli.main(["eval", str(out)]) == 0
     res = json.loads((out / "eval.json").read_text())
     assert set(res["models"]) == {"maml", "pretrained", "oracle", "random"}

@@ -238,24 +238,27 @@ def _paired_table(diffs: dict, steps: int) -> str:
 
 
 def plot(run_dir: str | Path) -> list[Path]:
-    """The paper's Figure 4 (return against gradient steps) and the training curves."""
+    """The training curves and, once the run is evaluated, the paper's Figure 4 (return against
+    gradient steps)."""
     import matplotlib.pyplot as plt
 
     from .. import plots
 
     run_dir = Path(run_dir)
-    results = read_eval(run_dir)
-    models = results["models"]
-    fig, ax = plt.subplots(figsize=(5, 4))
-    env = results.get("env", "navigation2d")
-    paper = {MODELS[k]: v for k, v in PAPER.get(env, {}).items() if k in models}
-    plots.steps_curves(
-        ax, {MODELS[k]: (m["returns"], m["ci95"]) for k, m in models.items()}, "average return", reference=paper
-    )
-    ax.set_title(f"{env} (dotted: the paper's)" if paper else env)
-    out = [plots.save(fig, run_dir / "plots" / "return_vs_steps.png")]
+    out = []
+    if (run_dir / "eval.json").exists():  # the training curves need no evaluation; this figure does
+        results = read_eval(run_dir)
+        models = results["models"]
+        fig, ax = plt.subplots(figsize=(5, 4))
+        env = results.get("env", "navigation2d")
+        paper = {MODELS[k]: v for k, v in PAPER.get(env, {}).items() if k in models}
+        plots.steps_curves(
+            ax, {MODELS[k]: (m["returns"], m["ci95"]) for k, m in models.items()}, "average return", reference=paper
+        )
+        ax.set_title(f"{env} (dotted: the paper's)" if paper else env)
+        out.append(plots.save(fig, run_dir / "plots" / "return_vs_steps.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind in models:
+    for kind in MODELS:
         path = run_dir / kind / "metrics.csv"
         if not path.exists():
             continue
