@@ -171,6 +171,28 @@ def test_pretrained_step_size_is_chosen_on_held_out_tasks_and_never_a_diverged_o
     assert not torch.equal(seen[0].support_targets[:1], test.support_targets[:1])  # never the test tasks
 
 
+def test_diverged_tasks_are_counted_and_their_rows_marked_in_the_table():
+    steps = 10
+    mse = torch.full((10, steps + 1), 0.5)
+    mse[0, 6:] = float("inf")  # blows up after 6 steps
+    mse[1, 5] = 200.0  # far above any sinusoid's variance at one step only
+    mse[2, :] = 1.5  # poor but finite: not diverged
+    diverged, fine = sinusoid.summarise(mse), sinusoid.summarise(torch.full((10, steps + 1), 0.25))
+    assert diverged["diverged_tasks"] == 2 and fine["diverged_tasks"] == 0
+    assert diverged["mse"][10] == float("inf") and diverged["median"][10] == 0.5
+    assert diverged["mse_without_diverged"][10] == pytest.approx((7 * 0.5 + 1.5) / 8)
+    results = {
+        "eval": {"num_tasks": 10},
+        "models": {"maml": {"iterations": 1, "shots": {"5": {"lr": 0.01, **diverged}, "10": {"lr": 0.01, **fine}}}},
+    }
+    table = sinusoid.format_table(results)
+    rows = [line for line in table.splitlines() if line.startswith("| MAML")]
+    assert rows[0].startswith("| MAML | 5 † |") and "inf" in rows[0]
+    assert rows[1].startswith("| MAML | 10 |")
+    (note,) = [line for line in table.splitlines() if line.startswith("- †")]
+    assert "K = 5: 2 of 10 tasks diverged" in note and "0.625" in note
+
+
 def test_resume_continues_exactly(tmp_path):
     """A run killed after its first checkpoint and resumed ends where an uninterrupted run does."""
     # A fixed strategy: "auto" measures on the first batch, and on a loaded machine a resumed run

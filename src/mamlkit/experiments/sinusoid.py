@@ -128,21 +128,27 @@ def evaluate(
                 tuning = None
             batch = test_tasks(cfg, kind, e.num_tasks, k, e.seed)
             mse = learner.adaptation_curve(batch, steps, lr=lr)["loss"]
-            mean, ci = mean_ci(mse)
-            diverged = (~torch.isfinite(mse) | (mse > DIVERGED)).any(dim=1)
-            per_k[str(k)] = {
-                "lr": lr if lr is not None else "learned",
-                "mse": mean.tolist(),
-                "ci95": ci.tolist(),
-                "median": mse.median(0).values.tolist(),
-                # Tasks whose repeated steps blow up (mean dominated by a few): reported, never hidden.
-                "diverged_tasks": int(diverged.sum()),
-                "mse_without_diverged": mse[~diverged].mean(0).tolist(),
-                **({"lr_tuning": tuning} if tuning else {}),
-            }
+            per_k[str(k)] = {"lr": lr if lr is not None else "learned", **summarise(mse)}
+            if tuning:
+                per_k[str(k)]["lr_tuning"] = tuning
         results["models"][kind] = {"iterations": state["iteration"], "shots": per_k}
     write_eval(run_dir, results, format_table(results), name)
     return results
+
+
+def summarise(mse: torch.Tensor) -> dict:
+    """Per-step statistics of a (tasks, steps + 1) MSE matrix: mean ± 95% CI and median, and
+    the tasks whose repeated steps blew up, counted, with the mean of the others (a few such
+    tasks dominate the mean: reported, never hidden)."""
+    mean, ci = mean_ci(mse)
+    diverged = (~torch.isfinite(mse) | (mse > DIVERGED)).any(dim=1)
+    return {
+        "mse": mean.tolist(),
+        "ci95": ci.tolist(),
+        "median": mse.median(0).values.tolist(),
+        "diverged_tasks": int(diverged.sum()),
+        "mse_without_diverged": mse[~diverged].mean(0).tolist(),
+    }
 
 
 def _tune_lr(learner: MAML, cfg: SinusoidConfig, kind: str, k: int) -> tuple[float, dict]:
@@ -164,9 +170,12 @@ def format_table(results: dict, steps_shown=(0, 1, 5, 10)) -> str:
         for k, r in res["shots"].items():
             cells = step_cells(r["mse"], r["ci95"], steps_shown, 3)
             lr = "–" if kind == "oracle" else r["lr"] if isinstance(r["lr"], str) else f"{r['lr']:g}"
-            lines.append(f"| {LABELS[kind]} | {k} | {lr} | " + " | ".join(cells) + " |")
+            # A few diverged tasks can make a mean meaningless (even "inf ± nan"): mark the row so
+            # the reader finds the note with the mean of the others and the median.
+            mark = " †" if r.get("diverged_tasks") else ""
+            lines.append(f"| {LABELS[kind]} | {k}{mark} | {lr} | " + " | ".join(cells) + " |")
     notes = [
-        f"- {LABELS[kind]}, K = {k}: {r['diverged_tasks']} of {results['eval']['num_tasks']} tasks diverged at some "
+        f"- † {LABELS[kind]}, K = {k}: {r['diverged_tasks']} of {results['eval']['num_tasks']} tasks diverged at some "
         f"step (MSE > {DIVERGED:g} or not finite); after 1/5/10 steps, mean MSE of the others: "
         + " / ".join(f"{r['mse_without_diverged'][min(s, len(r['mse']) - 1)]:.3f}" for s in (1, 5, 10))
         + ", median MSE of all: "
