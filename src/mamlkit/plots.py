@@ -33,11 +33,15 @@ def training_curves(run_dirs: dict[str, Path], path: Path, key: str = "loss", lo
 
 
 def steps_curves(
-    ax, series: dict[str, tuple[list, list]], ylabel: str, reference: dict[str, list] | None = None
+    ax,
+    series: dict[str, tuple[list, list]],
+    ylabel: str,
+    reference: dict[str, list] | None = None,
+    legend: dict | None = None,
 ) -> None:
     """Mean ± 95% CI against gradient steps; a single-point series is drawn as a flat line.
     ``reference``: published values of some series (None where not given), dotted in the
-    series' colour and labelled "(paper)"."""
+    series' colour and labelled "(paper)". ``legend``: keyword arguments for ``ax.legend``."""
     reference = reference or {}
     for label, (mean, ci) in series.items():
         # eval.json writes an undefined number (a one-task interval, a diverged mean) as null
@@ -64,7 +68,7 @@ def steps_curves(
     ax.set_xlabel("number of gradient steps")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(**(legend or {}))
 
 
 def save(fig, path: Path) -> Path:

@@ -253,11 +253,14 @@ def plot(run_dir: str | Path) -> list[Path]:
         env = results.get("env", "navigation2d")
         paper = {MODELS[k]: v for k, v in PAPER.get(env, {}).items() if k in models}
         plots.steps_curves(
-            ax, {MODELS[k]: (m["returns"], m["ci95"]) for k, m in models.items()}, "average return", reference=paper
+            ax,
+            {MODELS[k]: (m["returns"], m["ci95"]) for k, m in models.items()},
+            "average return",
+            reference=paper,
+            # beside the axes: eight entries inside would hide the curves they label
+            legend={"fontsize": 8, "loc": "center left", "bbox_to_anchor": (1.02, 0.5)},
         )
         ax.set_title(f"{env} (dotted: the paper's)" if paper else env)
-        # Beside the axes: eight entries inside would hide the curves they label.
-        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
         out.append(plots.save(fig, run_dir / "plots" / "return_vs_steps.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind in MODELS:
