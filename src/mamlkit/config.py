@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import inspect
 import math
 import os
@@ -25,15 +26,39 @@ from .engine.maml import MAML
 
 
 class ConfigError(ValueError):
-    """A config key or value that cannot be used, with what would be accepted."""
+    """Config keys or values that cannot be used, each with what would be accepted.
+
+    ``problems`` lists every one; the message is the single problem, or all of them one a line."""
+
+    def __init__(self, *problems: str):
+        self.problems = list(problems)
+        if len(problems) == 1:
+            super().__init__(problems[0])
+        else:
+            super().__init__(f"{len(problems)} problems in the config:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def spec(default, *, low=None, high=None, choices=None, doc: str = ""):
-    """A config field with an allowed range (inclusive) or set of choices."""
-    meta = {"low": low, "high": high, "choices": choices, "doc": doc}
+# Seeds get small offsets added (train.seed + model index + 100, eval.seed + 1, ...): the room
+# kept below 2**32 keeps every derived seed valid for torch, numpy (< 2**32) and random.
+SEED_ROOM = 2**16
+SEED_HIGH = 2**32 - 1 - SEED_ROOM
+# Integer settings without a bound of their own: counts beyond this overflow torch's int32 sizes
+# long before they could finish, so they are typos.
+INT_HIGH = 2**31 - 1
+
+
+def spec(default, *, low=None, high=None, choices=None, nonempty: bool = False, doc: str = ""):
+    """A config field with an allowed range (inclusive; for a list, of each item) or set of
+    choices; ``nonempty`` refuses an empty list."""
+    meta = {"low": low, "high": high, "choices": choices, "nonempty": nonempty, "doc": doc}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def seed_spec(default: int, doc: str):
+    """A seed: non-negative (numpy refuses negative seeds) and small enough for every derived one."""
+    return spec(default, low=0, high=SEED_HIGH, doc=doc)
 
 
 def _engine_default(name: str):
@@ -87,13 +112,13 @@ class TrainConfig:
         "weights with `mamlkit eval --iteration N`; 0 = keep only the latest",
     )
     log_every: int = spec(100, low=1, doc="iterations between metric rows")
-    seed: int = spec(0, doc="seed of the model's initialisation and of the task stream")
+    seed: int = seed_spec(0, doc="seed of the model's initialisation and of the task stream")
     device: str = spec("cpu", doc="torch device: cpu, cuda, cuda:1, ..., or auto (cuda when available)")
     threads: int = spec(
         0,
         low=0,
-        doc="CPU threads for torch (0 = torch's default); 1 keeps tiny models fast "
-        "when other processes share the cores",
+        doc="CPU threads for torch (0 = torch's default), at most the CPUs this process may use; 1 keeps "
+        "tiny models fast when other processes share the cores",
     )
     validate_every: int = spec(0, low=0, doc="iterations between validations (0 = never)")
     val_tasks: int = spec(200, low=1, doc="validation tasks per validation")
@@ -107,6 +132,22 @@ class TrainConfig:
         doc="a batch whose meta-loss or meta-gradient is nan/inf: stop (the last checkpoint kept, exit non-zero) "
         "or skip it (counted in metrics.csv as 'skipped')",
     )
+
+
+def did_you_mean(word: Any, options) -> str:
+    """`` (did you mean 'x'?)`` for a close match of ``word`` among ``options``, else ``""``."""
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def collect(problems: list[str], check, *args) -> None:
+    """Run ``check(*args)``, adding the problems of a ``ConfigError`` it raises to ``problems``."""
+    try:
+        check(*args)
+    except ConfigError as e:
+        problems.extend(e.problems)
 
 
 def check_pair(v: list[float], key: str) -> None:
@@ -148,7 +189,8 @@ def load_raw(preset_or_path: str) -> dict:
         source = _preset_source(preset_or_path)
         if source is None:
             raise ConfigError(
-                f"unknown preset {preset_or_path!r}; presets are {preset_names()}, or pass a YAML file path"
+                f"unknown preset {preset_or_path!r}{did_you_mean(preset_or_path, preset_names())}; "
+                f"presets are {preset_names()}, or pass a YAML file path"
             )
     return _resolve(source, [])
 
@@ -194,7 +236,8 @@ def _base_source(base: Any, including: _Source) -> _Source:
     source = _preset_source(base)
     if source is None:
         raise ConfigError(
-            f"{including.label}: unknown base preset {base!r}; presets are {preset_names()}, "
+            f"{including.label}: unknown base preset {base!r}{did_you_mean(base, preset_names())}; "
+            f"presets are {preset_names()}, "
             "or give a path to a .yaml file"
         )
     return source
@@ -244,16 +287,32 @@ def _deep_merge(base: dict, over: dict) -> dict:
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``key.sub=value`` strings (values parsed as YAML) to a raw config dict."""
     for item in overrides:
-        if "=" not in item:
+        if not isinstance(item, str) or "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.iterations=1000")
-        key, value = item.split("=", 1)
+        key, text = item.split("=", 1)
+        parts = [p.strip() for p in key.strip().split(".")]
+        if not all(parts):
+            raise ConfigError(
+                f"--set {item!r}: the key {key.strip()!r} has an empty part; write section.name=value, "
+                "e.g. train.iterations=1000"
+            )
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            what = "; ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p)
+            raise ConfigError(
+                f"--set {item!r}: the value {text!r} is not valid YAML ({what or e}); close its brackets "
+                "or quote it, e.g. train.iterations=1000, models=[maml], maml.adapt=['0.*']"
+            ) from None
         node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+                section = ".".join(parts[: i + 1])
+                raise ConfigError(
+                    f"--set {item!r}: {section} is not a section (it holds {node!r}); set {section}=VALUE instead"
+                )
+        node[parts[-1]] = value
     return raw
 
 
@@ -274,19 +333,41 @@ def check_device(device: str, key: str, present: bool = False) -> None:
 
 def build(cls: type, raw: dict):
     """Validate a raw dict into the config dataclass ``cls`` (its ``check()`` included). Keys that
-    ``cls.RETIRED`` lists (settings earlier versions had) are dropped with a warning."""
+    ``cls.RETIRED`` lists (settings earlier versions had) are dropped with a warning. Every
+    problem is reported at once, in one ``ConfigError``."""
     raw = _drop_retired(raw, getattr(cls, "RETIRED", {}))
-    cfg = _from_dict(cls, raw, "")
+    found: dict[str, list[str]] = {}  # key -> its problems
+    cfg = _from_dict(cls, raw, "", found)
+    problems = [p for ps in found.values() for p in ps]
+    later: list[str] = []
     if hasattr(cfg, "check"):
-        cfg.check()
+        collect(later, cfg.check)
     device = getattr(getattr(cfg, "train", None), "device", None)
     if isinstance(device, str):
-        check_device(device, "train.device")
+        collect(later, check_device, device, "train.device")
+    # A bad value was replaced by its default to run the checks across settings: one of those
+    # that names such a key would be about the default, not the user's value.
+    problems += [p for p in later if not any(_names(p, key) for key in found)]
+    if problems:
+        raise ConfigError(*problems)
     if device == "auto":
         import torch
 
         cfg.train.device = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg
+
+
+def _names(message: str, key: str) -> bool:
+    """Whether ``message`` names the setting ``key`` (not just a longer key starting with it)."""
+    start = message.find(key)
+    while start >= 0:
+        end = start + len(key)
+        before = message[start - 1] if start else " "
+        after = message[end] if end < len(message) else " "
+        if not (before.isalnum() or before in "._") and not (after.isalnum() or after == "_"):
+            return True
+        start = message.find(key, start + 1)
+    return False
 
 
 def _drop_retired(raw: dict, retired: dict[str, str]) -> dict:
@@ -318,23 +399,36 @@ def kwargs_for(fn, section) -> dict:
     return {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in names}
 
 
-def _from_dict(cls, raw: dict, prefix: str):
+def _from_dict(cls, raw: Any, prefix: str, found: dict[str, list[str]]):
+    """``cls`` from ``raw``; each bad key or value adds its problem to ``found`` (by key) and the
+    field keeps its default."""
+    here = prefix.rstrip(".") or "config"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+        found.setdefault(here, []).append(f"{here}: expected a mapping of settings, got {raw!r}")
+        return cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in raw:
         if key not in fields:
-            raise ConfigError(f"unknown key '{prefix}{key}'; allowed keys here: {sorted(fields)}")
+            hint = did_you_mean(key, fields)
+            if hint:
+                hint = hint.replace("'", f"'{prefix}", 1) if isinstance(key, str) else hint
+            found.setdefault(f"{prefix}{key}", []).append(
+                f"unknown key '{prefix}{key}'{hint}; allowed keys here: {sorted(fields)}"
+            )
     values = {}
     for name, f in fields.items():
         if name not in raw:
             continue
         key, tp = prefix + name, hints[name]
         if dataclasses.is_dataclass(tp):
-            values[name] = _from_dict(tp, raw[name], key + ".")
-        else:
-            values[name] = _check_value(key, _coerce(key, raw[name], tp), f.metadata)
+            values[name] = _from_dict(tp, raw[name], key + ".", found)
+            continue
+        try:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            values[name] = _check_value(key, _coerce(key, raw[name], tp), f.metadata, tp, default)
+        except ConfigError as e:
+            found.setdefault(key, []).extend(e.problems)
     return cls(**values)
 
 
@@ -351,7 +445,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
         return {_coerce(f"{key} (a key)", k, args[0]): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, e.g. [1, 2], got {value!r}")
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
@@ -369,7 +463,10 @@ def _coerce(key: str, value: Any, tp) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float
+            raise ConfigError(f"{key}: {value!r} is not a finite number; use a smaller value") from None
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -377,12 +474,27 @@ def _coerce(key: str, value: Any, tp) -> Any:
     return value
 
 
-def _check_value(key: str, value: Any, meta) -> Any:
+def _is_int(tp) -> bool:
+    """Whether a field's values are integers (``int``, ``list[int]``, optionally ``| None``)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return len(args) == 1 and _is_int(args[0])
+    if typing.get_origin(tp) is list:
+        return args == [int]
+    return tp is int
+
+
+def _check_value(key: str, value: Any, meta, tp=None, default: Any = None) -> Any:
     if value is None:
         return value
     choices, low, high = meta.get("choices"), meta.get("low"), meta.get("high")
+    if high is None and tp is not None and _is_int(tp):
+        high = INT_HIGH
     if choices is not None and value not in choices:
-        raise ConfigError(f"{key}: {value!r} not allowed; choose from {list(choices)}")
+        raise ConfigError(f"{key}: {value!r} not allowed; choose from {list(choices)}{did_you_mean(value, choices)}")
+    if meta.get("nonempty") and isinstance(value, list) and not value:
+        example = yaml.safe_dump(default or [1], default_flow_style=True).strip()
+        raise ConfigError(f"{key}: empty; give at least one value, e.g. {key}={example}")
     items = value if isinstance(value, list) else [value]
     for v in items:
         if isinstance(v, float) and not math.isfinite(v):
@@ -392,3 +504,4 @@ def _check_value(key: str, value: Any, meta) -> Any:
                 rng = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
                 raise ConfigError(f"{key}: {v!r} out of range; allowed {rng}")
     return value
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ..config import ConfigError, MAMLConfig, check_models, check_pair, spec
+from ..config import ConfigError, MAMLConfig, check_models, check_pair, collect, seed_spec, spec
 from .families import FAMILIES
 
 # The models an RL run can train, in the order evaluation reports them, with their labels.
@@ -41,13 +41,15 @@ class RLEnvConfig:
         0,
         low=0,
         doc="MuJoCo: simulator threads stepping every episode of a rollout together (0 = the CPUs this "
-        "process may use); torch's own threads are train.threads",
+        "process may use, also the most allowed); torch's own threads are train.threads",
     )
 
 
 @dataclass
 class RLPolicyConfig:
-    hidden: list[int] = spec([100, 100], doc="hidden layer widths of the ReLU Gaussian MLP")
+    hidden: list[int] = spec(
+        [100, 100], low=1, doc="hidden layer widths of the ReLU Gaussian MLP ([] = a linear policy)"
+    )
     init_log_std: float = spec(0.0, doc="initial state-independent log standard deviation (rllab: std 1)")
 
 
@@ -77,9 +79,11 @@ class RLTrainConfig:
         "weights with `mamlkit eval --iteration N`; 0 = keep only the latest",
     )
     log_every: int = spec(1, low=1, doc="iterations between metric rows")
-    seed: int = spec(0, doc="seed of the initialisation, the task stream and the action noise")
+    seed: int = seed_spec(0, doc="seed of the initialisation, the task stream and the action noise")
     device: str = spec("cpu", doc="torch device: cpu, cuda, ... or auto")
-    threads: int = spec(0, low=0, doc="torch.set_num_threads during training; 0 = leave torch's default")
+    threads: int = spec(
+        0, low=0, doc="torch.set_num_threads during training, at most the CPUs this process may use; 0 = default"
+    )
     time_limit: float = spec(
         0.0,
         low=0.0,
@@ -99,20 +103,24 @@ class RLEvalConfig:
     num_tasks: int = spec(40, low=1, doc="fixed test tasks")
     steps: int = spec(3, low=0, doc="gradient steps at test (returns after 0..steps)")
     trajectories: int = spec(20, low=1, doc="trajectories per task per gradient step")
-    inner_lrs: list[float] = spec([0.1, 0.05], doc="step sizes of steps 1, 2, ...; the last one repeats")
+    inner_lrs: list[float] = spec(
+        [0.1, 0.05], low=0.0, nonempty=True, doc="step sizes of steps 1, 2, ...; the last one repeats"
+    )
     model_inner_lrs: dict[str, list[float]] = spec(
         {},
         doc="step sizes for some models instead of inner_lrs, e.g. {pretrained: [0.2, 0.1], random: [1.0, 0.5]} "
         "(the official test scripts gave each model its own)",
     )
-    seed: int = spec(1000, doc="seed of the test tasks and of the action noise (shared by every model)")
+    seed: int = seed_spec(1000, doc="seed of the test tasks and of the action noise (shared by every model)")
     tune_inner_lrs: list[float] = spec(
         [],
         doc="candidate step sizes: when given, each model's step sizes are chosen among them step by step "
         "(greedily, highest mean return) on validation tasks drawn from tune_seed, then tested; "
         "empty = use inner_lrs",
     )
-    tune_seed: int = spec(2000, doc="seed of the validation tasks that tune_inner_lrs chooses on (not the test seed)")
+    tune_seed: int = seed_spec(
+        2000, doc="seed of the validation tasks that tune_inner_lrs chooses on (not the test seed)"
+    )
 
 
 @dataclass
@@ -137,12 +145,13 @@ class RLConfig:
     eval: RLEvalConfig = field(default_factory=RLEvalConfig)
 
     def check(self) -> None:
-        check_models(self.models, MODELS)
-        check_pair(self.env.goal_range, "env.goal_range")
+        problems: list[str] = []
+        collect(problems, check_models, self.models, MODELS)
+        collect(problems, check_pair, self.env.goal_range, "env.goal_range")
         if self.env.name != "navigation2d" and self.train.device == "auto":
             self.train.device = "cpu"  # the MuJoCo sampler's policy runs on the CPU, beside the simulator
         if self.env.name != "navigation2d" and self.train.device != "cpu":
-            raise ConfigError(
+            problems.append(
                 f"train.device={self.train.device}: the MuJoCo tasks run their policy beside the simulator, on "
                 "the CPU; use train.device=cpu (torchrun spreads a run over processes)"
             )
@@ -152,23 +161,26 @@ class RLConfig:
             if f.name not in MAML_OPTIONS and getattr(self.maml, f.name) != f.default
         ]
         if changed:
-            raise ConfigError(
+            problems.append(
                 f"{', '.join(changed)}: not supported by the RL experiment; it uses only "
                 + ", ".join(f"maml.{k}" for k in MAML_OPTIONS)
             )
         if self.maml.inner_steps < 1 and "maml" in self.models:
-            raise ConfigError("maml.inner_steps: MAML needs at least 1 inner step")
+            problems.append("maml.inner_steps: MAML needs at least 1 inner step")
         if any(lr <= 0 for lr in self.eval.tune_inner_lrs):
-            raise ConfigError(f"eval.tune_inner_lrs: step sizes must be positive, got {self.eval.tune_inner_lrs}")
+            problems.append(
+                f"eval.tune_inner_lrs: step sizes must be positive, got {self.eval.tune_inner_lrs} "
+                "([] = no tuning: eval.inner_lrs are used)"
+            )
         if self.eval.tune_inner_lrs and self.eval.tune_seed == self.eval.seed:
-            raise ConfigError("eval.tune_seed equals eval.seed: step sizes would be chosen on the test tasks")
-        if not self.eval.inner_lrs or any(lr < 0 for lr in self.eval.inner_lrs):
-            raise ConfigError(f"eval.inner_lrs: expected non-negative step sizes, got {self.eval.inner_lrs}")
+            problems.append("eval.tune_seed equals eval.seed: step sizes would be chosen on the test tasks")
         stepping = [m for m in MODELS if m != "oracle"]  # the oracle is measured without a step
         for model, lrs in self.eval.model_inner_lrs.items():
             if model not in stepping:
-                raise ConfigError(
+                problems.append(
                     f"eval.model_inner_lrs: {model!r} is not a model that takes steps; use {', '.join(stepping)}"
                 )
-            if not lrs or any(not 0 <= lr < float("inf") for lr in lrs):
-                raise ConfigError(f"eval.model_inner_lrs.{model}: expected non-negative step sizes, got {lrs}")
+            elif not lrs or any(not 0 <= lr < float("inf") for lr in lrs):
+                problems.append(f"eval.model_inner_lrs.{model}: expected non-negative step sizes, got {lrs}")
+        if problems:
+            raise ConfigError(*problems)
