@@ -504,4 +504,3 @@ def _check_value(key: str, value: Any, meta, tp=None, default: Any = None) -> An
                 rng = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
                 raise ConfigError(f"{key}: {v!r} out of range; allowed {rng}")
     return value
-

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass, field
 
 from ..config import (
@@ -208,3 +210,227 @@ def override_eval(cfg, overrides: list[str] = ()):
     if bad:
         raise ConfigError(f"--set {bad[0]!r}: only eval.* settings change at evaluation; train a new run for others")
     return build_config(apply_overrides(to_dict(cfg), list(overrides)))
+
+
+# -- what the machine can hold -------------------------------------------------------------------
+#
+# Checked when a run starts (``check_machine``), not when a config is built: a run's saved config
+# must still load on a smaller machine (to be evaluated, say).
+
+GIB = 2**30
+FLOAT = 4  # bytes of a float32
+IMAGE_SHAPE = {"omniglot": (1, 28, 28), "miniimagenet": (3, 84, 84)}
+# Bytes of a dataset held in memory during training (uint8 images; Omniglot's lanczos ones are float32).
+DATA_BYTES = {"omniglot": 1623 * 20 * 28 * 28 * FLOAT, "miniimagenet": 80 * 600 * 3 * 84 * 84}
+# (observation, action) sizes of the RL families, and the bytes of one MuJoCo copy (its MjData, roughly).
+RL_DIMS = {"navigation2d": (2, 2, 0), "halfcheetah": (20, 6, 60_000), "ant": (125, 8, 150_000)}
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def available_memory(device: str) -> tuple[int, str] | None:
+    """Bytes free for a run on ``device`` and what they are: a present CUDA GPU's free memory,
+    else the system's MemAvailable (``/proc/meminfo``; ``os.sysconf`` elsewhere); None if unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return None  # train.device is refused by check_device instead
+        free, _ = torch.cuda.mem_get_info(torch.device(device) if ":" in device else None)
+        return free, f"free on {device}"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable"
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available"
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_machine(cfg) -> None:
+    """Refuse thread counts above this machine's CPUs and sizes its memory cannot hold (one
+    ``ConfigError`` listing all); call it before a run writes anything."""
+    import dataclasses
+
+    problems: list[str] = []
+    cpus = usable_cpus()
+    for section, name in (("train", "threads"), ("env", "sim_threads")):
+        part = getattr(cfg, section, None)
+        value = getattr(part, name, 0) if part is not None and dataclasses.is_dataclass(part) else 0
+        if value > cpus:
+            problems.append(
+                f"{section}.{name}={value}: more than the {cpus} CPUs this process may use; use at most {cpus} "
+                "(0 = as many as it may use)"
+            )
+    collect(problems, check_memory, cfg)
+    if problems:
+        raise ConfigError(*problems)
+
+
+def check_memory(cfg) -> None:
+    """Refuse a config whose rough memory estimate (``estimate_memory``) exceeds the memory
+    available to its device, naming the settings that size it, those raised most first."""
+    found = available_memory(cfg.train.device)
+    if found is None:
+        return
+    available, what = found
+    problems = []
+    for phase, (need, keys) in estimate_memory(cfg).items():
+        if need <= available:
+            continue
+        ranked = sorted(keys, key=lambda k: -_raised(cfg, k))
+        shown = ", ".join(f"{k}={_get(cfg, k)}" for k in ranked)
+        problems.append(
+            f"{phase} needs roughly {_size(need)}, more than the {_size(available)} of memory available "
+            f"({what}); lower {ranked[0]} (the sizes: {shown})"
+        )
+    if problems:
+        raise ConfigError(*problems)
+
+
+def estimate_memory(cfg) -> dict[str, tuple[int, list[str]]]:
+    """Rough bytes each phase of a run holds at once, with the settings that size it.
+
+    Training: 4 bytes x 3 (forward and backward) x meta_batch_size x examples per task x the
+    model's activations per example x the inner steps whose graph second order keeps (1 with
+    first order), plus per-task adapted weights, Adam's state and the data. Evaluation: the test
+    tasks computed together x their examples x activations (RL: tasks x trajectories x horizon x
+    (observation, action and policy sizes), plus a MuJoCo state per episode). An order of
+    magnitude, not a promise: it errs high (a meta-batch taken as computed at once)."""
+    return {"sinusoid": _sinusoid_memory, "fewshot": _fewshot_memory, "rl": _rl_memory}[cfg.experiment](cfg)
+
+
+def _kept_steps(maml) -> int:
+    """Inner steps whose activations the meta-gradient keeps: all with second order, else one."""
+    return 1 if maml.first_order else max(maml.inner_steps, 1)
+
+
+def _mlp_sizes(n_in: int, hidden: list[int], n_out: int) -> tuple[int, int]:
+    """(parameters, activations per example) of an MLP."""
+    widths = [n_in, *hidden, n_out]
+    return sum((a + 1) * b for a, b in zip(widths, widths[1:])), 2 * sum(hidden) + n_out
+
+
+def _sinusoid_memory(cfg) -> dict[str, tuple[int, list[str]]]:
+    t, e, m = cfg.train, cfg.eval, cfg.maml
+    params, acts = _mlp_sizes(1, cfg.model.hidden, 1)
+    points = cfg.task.k_support + cfg.task.k_query
+    train = FLOAT * (
+        3 * t.meta_batch_size * points * acts * (_kept_steps(m) + 1)
+        + params * (4 + (m.learn_inner_lr or 0) + 2 * t.meta_batch_size * (m.inner_steps + 1))
+    )
+    tasks = max(e.num_tasks, e.tune_tasks)
+    # The query losses keep their graphs across the steps.
+    evaluate = FLOAT * tasks * (e.steps + 1) * ((max(e.shots) + e.query_points) * acts + 2 * params)
+    which = "eval.num_tasks" if e.num_tasks >= e.tune_tasks else "eval.tune_tasks"
+    return {
+        "training (one meta-batch)": (
+            train,
+            ["train.meta_batch_size", "task.k_support", "task.k_query", "model.hidden"]
+            + (["maml.inner_steps"] if not m.first_order else []),
+        ),
+        "evaluation": (evaluate, [which, "eval.query_points", "eval.shots", "model.hidden"]),
+    }
+
+
+def _classifier_sizes(arch: str, n_way: int) -> tuple[int, int]:
+    """(parameters, activation floats per image) of a classifier: its layers' outputs counted in
+    one forward pass on the meta device (shapes only, no memory); about what a backward keeps."""
+    return _classifier_sizes_cached(arch, min(n_way, 10**6))
+
+
+@functools.lru_cache(maxsize=64)
+def _classifier_sizes_cached(arch: str, n_way: int) -> tuple[int, int]:
+    import torch
+
+    with torch.device("meta"):
+        model = CLASSIFIERS[arch](n_way)
+    outputs = [0]
+
+    def count(module, inputs, output) -> None:
+        outputs[0] += output.numel() if isinstance(output, torch.Tensor) else 0
+
+    for module in model.modules():
+        if not list(module.children()):
+            module.register_forward_hook(count)
+    model(torch.empty(1, *IMAGE_SHAPE[CLASSIFIER_DATASET[arch]], device="meta"))
+    return sum(p.numel() for p in model.parameters()), outputs[0]
+
+
+def _fewshot_memory(cfg) -> dict[str, tuple[int, list[str]]]:
+    t, e, m, task = cfg.train, cfg.eval, cfg.maml, cfg.task
+    params, acts = _classifier_sizes(cfg.model.arch, task.n_way)
+    params = params * task.n_way // min(task.n_way, 10**6)  # the head grows with n_way beyond the cap
+    data = DATA_BYTES[cfg.data.dataset]
+    per_task = task.n_way * (task.k_shot * _kept_steps(m) + task.q_query) * acts
+    train = data + FLOAT * (
+        3 * t.meta_batch_size * per_task
+        + params * (4 + (m.learn_inner_lr or 0) + 2 * t.meta_batch_size * (m.inner_steps + 1))
+    )
+    q = max(task.k_shot if p == "paper" else MODERN_QUERY for p in e.query)
+    # A test step: the support's forward and backward, then the query's forward, whose graph is
+    # dropped once its accuracy is taken.
+    evaluate = data + FLOAT * e.task_batch * (task.n_way * (2 * task.k_shot + q) * acts + 2 * params)
+    sizes = ["task.n_way", "task.k_shot"]
+    return {
+        "training (one meta-batch)": (
+            train,
+            ["train.meta_batch_size", *sizes, "task.q_query"] + (["maml.inner_steps"] if not m.first_order else []),
+        ),
+        "evaluation (eval.task_batch tasks at once)": (evaluate, ["eval.task_batch", *sizes]),
+    }
+
+
+def _rl_memory(cfg) -> dict[str, tuple[int, list[str]]]:
+    t, e, m = cfg.train, cfg.eval, cfg.maml
+    robot = "navigation2d" if cfg.env.name == "navigation2d" else cfg.env.name.split("_")[0]
+    obs, act, sim = RL_DIMS[robot]
+    params, acts = _mlp_sizes(obs, cfg.policy.hidden, act)
+    # A step of an episode: observation, action, noise, reward, return, advantage, baseline
+    # features (~2 x obs), and the policy's activations, forward and backward.
+    per_step = 4 * obs + 3 * act + 8 + 3 * acts
+
+    def rollouts(tasks: int, trajectories: int, rounds: int) -> int:
+        episodes = tasks * trajectories
+        held = FLOAT * (rounds * episodes * cfg.env.horizon * per_step + 2 * tasks * params * (m.inner_steps + 1))
+        return held + episodes * sim
+
+    size = ["env.horizon", "policy.hidden"]
+    return {
+        "training (one meta-batch)": (
+            rollouts(t.meta_batch_size, t.trajectories, 2),
+            ["train.meta_batch_size", "train.trajectories", *size],
+        ),
+        "evaluation": (rollouts(e.num_tasks, e.trajectories, 1), ["eval.num_tasks", "eval.trajectories", *size]),
+    }
+
+
+def _get(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _raised(cfg, key: str) -> float:
+    """How many times its default a setting is (a list: its total), to name the likely culprit first."""
+    section, name = key.split(".")
+    default = getattr(type(getattr(cfg, section))(), name)
+    value = _get(cfg, key)
+    total = lambda v: sum(v) if isinstance(v, list) else v or 0
+    return total(value) / max(total(default), 1)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
