@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -13,15 +15,14 @@ import yaml
 
 from . import config as config_lib
 from . import distributed, experiments
+from .experiments.configs import check_machine
 from .training import runs
+from .training.files import RunWriteError
 
 
 def _run_config(run_dir: Path) -> dict:
-    """A run directory's ``config.yaml``, raw."""
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a run directory made by `mamlkit train`?")
-    return config_lib.load_raw(str(cfg_path))
+    """A run directory's config, raw: its ``config.yaml`` checked against its checkpoints' configs."""
+    return runs.run_config(run_dir, experiments.build_config)
 
 
 def _experiment_of(raw: dict):
@@ -88,14 +89,17 @@ def cmd_train(args) -> int:
     if args.resume:
         if not saved.is_file():
             raise FileNotFoundError(f"{out} holds no run to resume (no config.yaml); start it without --resume")
-        raw = config_lib.load_raw(str(saved))
+        raw = _run_config(out)
         cfg = experiments.build_config(config_lib.apply_overrides(copy.deepcopy(raw), args.set))
         _note_other_config(args.config, cfg, args.set, out)
         # Nothing is written until the resume is known to continue the same experiment.
         changes = runs.check_resume(config_lib.to_dict(experiments.build_config(raw)), config_lib.to_dict(cfg))
     else:
         cfg = experiments.build_config(config_lib.apply_overrides(config_lib.load_raw(args.config), args.set))
+        if saved.is_file() and runs.abandon_if_untrained(out):  # stopped before its first checkpoint
+            print(f"note: {out} held a start that wrote no checkpoint (stopped before its first one); starting anew")
     config_lib.check_device(cfg.train.device, "train.device", present=True)
+    check_machine(cfg)  # thread counts and a memory estimate: an impossible run stops before it starts
     exp = experiments.get(cfg.experiment)
     only = _only(args.only, cfg) if args.only is not None else {}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.train.device.startswith("cuda:"):
@@ -238,8 +242,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # SIGTERM and SIGHUP stop a command as Ctrl-C does, at any moment: before training starts (a
+    # start then removes what it wrote), during evaluation; training turns them into a clean stop.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _run(args)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:  # training handles Ctrl-C itself; this is evaluation, plotting or a start
@@ -267,6 +288,8 @@ INSTALL_RL = "the RL experiments need `pip install 'mamlkit[rl]'` (`'mamlkit[muj
 
 def _sentence(e: Exception) -> str:
     """An error as one line: an OSError with its file (a full disk, a read-only directory)."""
+    if isinstance(e, RunWriteError):
+        return e.strerror
     if isinstance(e, OSError) and e.filename and not isinstance(e, FileNotFoundError | FileExistsError):
         return f"{e.strerror or e} ({e.filename}): check the disk space and permissions of that directory"
     return str(e)

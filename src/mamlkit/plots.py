@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .training.files import write_file  # noqa: E402
 from .training.metrics import read_metrics  # noqa: E402
 
 
@@ -75,6 +76,8 @@ def save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_file(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=120))
+    finally:
+        plt.close(fig)
     return path

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import kwargs_for, load_raw, to_dict
+from ..config import kwargs_for, to_dict
 from ..engine import MAML
 from ..training import CHECKPOINT, Trainer, start_run
 from ..training import checkpoint as ckpt
 from ..training.loop import kept_checkpoint, kept_iterations
-from ..training.runs import deadline, with_current_settings
+from ..training.runs import deadline, reconcile, run_config
 from .configs import CONFIGS, build_config, load_config, override_eval
 
 __all__ = [
@@ -56,7 +56,7 @@ def trained_models(
     evaluation never silently leaves a model out. With ``iteration``: the checkpoints kept of it,
     except for the ``untrained`` models, which are the same at every iteration."""
     run_dir = Path(run_dir)
-    listed = load_raw(str(run_dir / "config.yaml")).get("models", [])
+    listed = run_config(run_dir, build_config).get("models", [])
 
     def file(k: str) -> Path:
         at = None if k in untrained else iteration
@@ -142,9 +142,15 @@ def load_run(
     off (evaluation shapes vary; compiling them costs more than it saves). The caller builds its
     learner from ``cfg`` and loads ``state["learner"]`` into it."""
     state = ckpt.load(checkpoint)
-    raw, current = state["config"], Path(run_dir) / "config.yaml"
-    if current.exists():
-        raw = with_current_settings(raw, load_raw(str(current)))
+    if not isinstance(state.get("config"), dict):
+        raise ckpt.CorruptCheckpoint(
+            f"checkpoint {checkpoint} holds no config: it was not written by `mamlkit train`, so nothing says "
+            "which model and settings it belongs to"
+        )
+    # The run's record (config.yaml checked against its latest checkpoints), then this checkpoint
+    # (a kept one, best.pt) checked against it: a checkpoint of another run is refused.
+    current = Path(run_dir) / "config.yaml"
+    raw = reconcile(current, run_config(run_dir, build_config), state["config"], Path(checkpoint), build_config)
     cfg = override_eval(build_config(raw), overrides)
     if device:
         cfg.train.device = device

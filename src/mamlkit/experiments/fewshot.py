@@ -156,7 +156,7 @@ def load_learner(
         path = run_dir / CHECKPOINT
         cfg, state = load_run(path, run_dir, device, overrides)
     learner = make_learner(cfg)
-    learner.load_state_dict(state["learner"])
+    ckpt.load_weights(learner, state, path)
     return learner, cfg, {"checkpoint": path.name, "iteration": state["iteration"], "val_acc": state.get("val_acc")}
 
 

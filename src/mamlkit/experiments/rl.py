@@ -21,6 +21,7 @@ from ..rl.metabatch import MetaTRPOUpdate, adaptation_returns, advantage_fn, tun
 from ..rl.policy import GaussianMLPPolicy, reinforce_loss
 from ..rl.tasks import MujocoTasks, NavigationTasks, make_tasks
 from ..rl.trpo import MetaTRPO
+from ..training import checkpoint as ckpt
 from ..training import checkpoint_file, mean_ci
 from ..training.runs import read_eval, write_eval
 from . import build_maml, load_run, steps_label, train_models, trained_models
@@ -109,10 +110,11 @@ def load_learner(
 ) -> tuple[MAML, RLConfig, int, NavigationTasks | MujocoTasks]:
     """A trained model with its config (``eval.*`` overrides applied), iteration and task family."""
     at = None if kind in UNTRAINED else iteration
-    cfg, state = load_run(checkpoint_file(Path(run_dir) / kind, at), run_dir, device, overrides)
+    path = checkpoint_file(Path(run_dir) / kind, at)
+    cfg, state = load_run(path, run_dir, device, overrides)
     family = make_tasks(cfg.env, oracle=kind == "oracle")
     learner = make_learner(cfg, kind, family)
-    learner.load_state_dict(state["learner"])
+    ckpt.load_weights(learner, state, path)
     return learner, cfg, state["iteration"], family
 
 

@@ -14,6 +14,7 @@ from ..engine import MAML, TaskBatch
 from ..models import mlp, official_init_
 from ..tasks import SinusoidTasks
 from ..training import AdamUpdate, checkpoint_file, mean_ci
+from ..training import checkpoint as ckpt
 from ..training.runs import read_eval, write_eval
 from . import build_maml, load_run, step_cells, steps_label, train_models, trained_models
 from .configs import SinusoidConfig
@@ -79,9 +80,10 @@ def load_learner(
     run_dir: str | Path, kind: str, device: str | None = None, overrides: list[str] = (), iteration: int | None = None
 ) -> tuple[MAML, SinusoidConfig, dict]:
     """A trained model, its config (``eval.*`` overrides applied) and its checkpoint."""
-    cfg, state = load_run(checkpoint_file(Path(run_dir) / kind, iteration), run_dir, device, overrides)
+    path = checkpoint_file(Path(run_dir) / kind, iteration)
+    cfg, state = load_run(path, run_dir, device, overrides)
     learner = make_learner(cfg, kind)
-    learner.load_state_dict(state["learner"])
+    ckpt.load_weights(learner, state, path)
     return learner, cfg, state
 
 

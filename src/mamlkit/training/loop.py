@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..engine import NonFinite, TaskBatch
 from . import checkpoint as ckpt
+from .files import write_file
 from .metrics import MetricLog
 
 CHECKPOINT = "checkpoint.pt"
@@ -233,7 +234,9 @@ class Trainer:
         try:  # a hard link: no copy
             os.link(self.checkpoint_path, tmp)
         except OSError:  # a file system without hard links
-            shutil.copyfile(self.checkpoint_path, tmp)
+            with open(self.checkpoint_path, "rb") as src:
+                write_file(kept, lambda f: shutil.copyfileobj(src, f))
+            return
         os.replace(tmp, kept)
 
     def _maybe_save_best(self, row: dict) -> None:
@@ -258,19 +261,34 @@ class Trainer:
 
     def restore(self) -> None:
         # Rank 0 reads the checkpoint and hands it to the others (no shared disk needed).
+        advice = (
+            f". --resume cannot continue from it; deleting it would restart {self.name} from iteration 0. "
+            "Restore the file from a copy, or train a new run with --out"
+        )
         try:
-            state = distributed.on_main(lambda: ckpt.load(self.checkpoint_path))
+            state = distributed.on_main(lambda: ckpt.load(self.checkpoint_path, training=True))
+            ckpt.load_weights(self.learner, state, self.checkpoint_path)
+            # Checkpoints written before the update piece existed keep Adam's state as "optimizer".
+            update_state = state.get("update", state.get("optimizer"))
+            if update_state is not None:
+                try:
+                    self.update.load_state_dict(update_state)
+                except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+                    raise ckpt.CorruptCheckpoint(
+                        f"checkpoint {self.checkpoint_path}: its outer optimiser's state does not fit this run's "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+                    ) from None
+            try:
+                reseeded = not ckpt.set_rng_state(
+                    state["rng"], self.generator, reseed=1_000_003 * (state["iteration"] + 1)
+                )
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise ckpt.CorruptCheckpoint(
+                    f"checkpoint {self.checkpoint_path}: its random-number state is damaged ({type(e).__name__}: {e})"
+                ) from None
         except ckpt.CorruptCheckpoint as e:
-            raise ckpt.CorruptCheckpoint(
-                f"{e}. --resume cannot continue from it; deleting it would restart {self.name} from iteration 0. "
-                "Restore the file from a copy, or train a new run with --out"
-            ) from None
-        self.learner.load_state_dict(state["learner"])
-        # Checkpoints written before the update piece existed keep Adam's state as "optimizer".
-        update_state = state.get("update", state.get("optimizer"))
-        if update_state is not None:
-            self.update.load_state_dict(update_state)
-        if not ckpt.set_rng_state(state["rng"], self.generator, reseed=1_000_003 * (state["iteration"] + 1)):
+            raise ckpt.CorruptCheckpoint(f"{e}{advice}") from None
+        if reseeded:
             print(
                 f"{self.name}: resumed on a {self.generator.device.type} device; the task stream of the other "
                 "device cannot continue here, so it continues from a seed of its own (the run is no longer "
@@ -311,7 +329,7 @@ class Trainer:
                 self.save()
             return True
         main = distributed.is_main()
-        log = MetricLog(self.run_dir, resume_from=self.iteration) if main else _NoLog()
+        log = MetricLog(self.run_dir, resume_from=self.iteration, log_every=self.log_every) if main else _NoLog()
         bar = tqdm(
             total=self.iterations,
             initial=self.iteration,
@@ -424,12 +442,12 @@ class _Window:
 
 @contextmanager
 def _stop_requests():
-    """Turn SIGINT/SIGTERM into a flag checked between iterations, so a checkpoint is never torn."""
+    """Turn SIGINT, SIGTERM and SIGHUP into a flag checked between iterations, so a checkpoint is never torn."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def handler(signum, frame):
         if flag.is_set():  # a second Ctrl-C stops at once

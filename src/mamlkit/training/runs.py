@@ -18,6 +18,7 @@ import torch
 
 from .. import config as config_lib
 from .. import distributed
+from .files import append_text, finish_pending, write_file, write_files
 
 LOCK = ".lock"
 LOG = "run.log"
@@ -155,6 +156,127 @@ def with_current_settings(trained: dict, current: dict) -> dict:
     return out
 
 
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def checkpoint_configs(run_dir: str | Path) -> dict[Path, dict]:
+    """``{checkpoint: the config it was trained with}`` for the latest checkpoint of each of the run's
+    models (``RUN/checkpoint.pt`` or ``RUN/<model>/checkpoint.pt``). An unreadable one is left out
+    here: the command that needs its weights refuses it, with advice that fits the command."""
+    from . import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    found = [run_dir / "checkpoint.pt", *sorted(run_dir.glob("*/checkpoint.pt"))]
+    out = {}
+    for path in (p for p in found if p.is_file()):
+        try:
+            state = ckpt.load(path)
+        except ckpt.CorruptCheckpoint:
+            continue
+        if isinstance(state.get("config"), dict):
+            out[path] = state["config"]
+    return out
+
+
+def reconcile(config_path: Path, current: dict | None, stored: dict, source: Path, build, unread: str = "") -> dict:
+    """The raw config a run continues (or is evaluated) with, from its ``config.yaml`` (``current``,
+    raw; None if it cannot be read) and the config stored in its checkpoint ``source``.
+
+    The checkpoint's copy is the record of what was trained; ``config.yaml`` adds the settings a
+    resume may change. A ``config.yaml`` that cannot be read or lacks settings (cut short) is
+    recovered from the checkpoint, with a note; one whose settings differ from the checkpoint's
+    (edited by hand, another run's file) is refused, listing the differences, since continuing
+    either would mix two experiments."""
+    try:
+        trained = config_lib.to_dict(build(copy.deepcopy(stored)))
+    except ValueError as e:
+        raise config_lib.ConfigError(f"checkpoint {source} holds a config that is not valid here ({e})") from None
+    if current is not None:
+        try:
+            here = _flat(config_lib.to_dict(build(copy.deepcopy(current))))
+        except ValueError:
+            here = None
+        if here is not None:
+            given, theirs = _flat(current), _flat(trained)
+            differ = {
+                k: (here[k], theirs[k])
+                for k in given
+                if k in here and k in theirs and not resumable(k) and here[k] != theirs[k]
+            }
+            if differ:
+                listed = "; ".join(
+                    f"{k}: {a!r} in config.yaml, {b!r} in the checkpoint"
+                    for k, (a, b) in differ.items()
+                )
+                raise config_lib.ConfigError(
+                    f"{config_path} does not match the config that {source} was trained with ({listed}). "
+                    "A run keeps the settings it started with: put config.yaml back as it was, or, if the "
+                    "checkpoint was copied in from another run, take it out; a new experiment needs a new --out"
+                )
+            lacking = sorted({k.split(".")[0] for k in _flat(stored) if k in theirs and k not in given})
+            if not lacking:
+                return with_current_settings(stored, current)
+            what = f"lacks settings ({', '.join(lacking)}; cut short?)"
+        else:
+            what = "is not a valid config"
+    else:
+        what = f"cannot be read ({unread})"
+    if distributed.is_main():
+        print(
+            f"note: {config_path} {what}; the run's settings are taken from the config stored in {source}, "
+            "and a resume writes config.yaml whole again"
+        )
+    return with_current_settings(stored, current) if current is not None and what.startswith("lacks") else stored
+
+
+def run_config(run_dir: str | Path, build) -> dict:
+    """A run's config, raw: ``RUN/config.yaml`` checked against the configs its checkpoints were
+    trained with (:func:`reconcile`); ``build`` validates a raw config (``build_config``). Without a
+    checkpoint, config.yaml is the only record: a damaged one is refused."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory made by `mamlkit train`?")
+    finish_pending(run_dir)  # an evaluation's files that a kill left half replaced
+    stored = checkpoint_configs(run_dir)
+    unread = ""
+    try:
+        current = config_lib.load_raw(str(path))
+    except config_lib.ConfigError as e:
+        if not stored:
+            raise
+        current, unread = None, str(e)
+    if not stored:
+        return current
+    sources = list(stored)
+    first = stored[sources[0]]
+
+    def settings(raw: dict) -> dict:
+        try:
+            return config_lib.to_dict(build(copy.deepcopy(raw)))
+        except ValueError:
+            return raw
+
+    for other in sources[1:]:
+        differ = {
+            k: v for k, v in changed_settings(settings(first), settings(stored[other])).items() if not resumable(k)
+        }
+        if differ:
+            listed = "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in differ.items())
+            raise config_lib.ConfigError(
+                f"{sources[0]} and {other} were trained with different settings ({listed}): the run mixes two "
+                "experiments; move the one that does not belong out of it"
+            )
+    return reconcile(path, current, first, sources[0], build, unread)
+
+
 def check_resume(saved: dict, new: dict) -> dict[str, tuple]:
     """The changes a resume makes to a run's config; refused (``ConfigError`` listing them) when
     any of them could change what is learned."""
@@ -172,8 +294,7 @@ def check_resume(saved: dict, new: dict) -> dict[str, tuple]:
 def log_event(run_dir: str | Path, text: str) -> None:
     """A dated line in the run's ``run.log`` (starts, resumes and what they changed, stops)."""
     if distributed.is_main():
-        with open(Path(run_dir) / LOG, "a") as f:
-            f.write(f"{_now()} {text}\n")
+        append_text(Path(run_dir) / LOG, f"{_now()} {text}\n")
 
 
 def start_run(
@@ -210,11 +331,13 @@ def start_run(
                     f"{', '.join(changes)}, which later resumes of every model read"
                 )
         dirs = [run_dir] if models is None else [run_dir / kind for kind in models]
-        for tmp in (p for d in dirs for p in d.rglob(".*.pt.*.tmp")):
-            tmp.unlink(missing_ok=True)
+        remove_dead_temporaries(dirs)
         # A fresh start creates config.yaml only if no other start just did; a resume replaces it
         # whole, as another process may be reading it.
-        write_atomic(run_dir / "config.yaml", config_lib.dumps(cfg), create=not resume)
+        try:
+            write_file(run_dir / "config.yaml", config_lib.dumps(cfg), exclusive=not resume)
+        except FileExistsError:
+            raise run_exists(run_dir) from None
         changed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in (changes or {}).items())
         event = ("resumed" + (f", changing {changed}" if changed else "")) if resume else "started"
         if models is not None and models != list(cfg.models):
@@ -231,36 +354,44 @@ def run_exists(run_dir: Path) -> FileExistsError:
     return FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or --out for a new one")
 
 
-def write_atomic(path: Path, text: str, create: bool = False) -> None:
-    """``path`` holds either its old text or ``text``, never a mix, whoever reads it meanwhile;
-    with ``create``, FileExistsError if ``path`` exists (two starts racing for one run)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    if not create:
-        os.replace(tmp, path)
-        return
+def remove_dead_temporaries(dirs: list[Path]) -> None:
+    """Remove the temporary files (``.NAME.PID.THREAD.tmp``, ``files.write_file``) that writers
+    killed mid-write left in ``dirs``; those of a process still alive are its writes in progress. A set
+    of files that a kill left half renamed is completed first (``files.finish_pending``)."""
+    for d in dirs:
+        finish_pending(d)
+    for tmp in (p for d in dirs for p in Path(d).rglob(".*.tmp")):
+        m = re.fullmatch(r"\..+\.(\d+)(\.\d+)?\.tmp", tmp.name)
+        if m and m[1] != str(os.getpid()) and _alive(int(m[1])):
+            continue
+        tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
     try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise run_exists(path.parent) from None
-    finally:
-        tmp.unlink()
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
-def abandon_if_untrained(run_dir: str | Path) -> None:
-    """After a failed start: remove what ``start_run`` wrote if no checkpoint exists yet, so the
-    corrected command can start the run again (a run with checkpoints, or in which another
-    process trains, is never touched)."""
+def abandon_if_untrained(run_dir: str | Path) -> bool:
+    """After a failed or stopped start, or before a fresh one: remove what ``start_run`` wrote if no
+    checkpoint exists yet, so the corrected command can start the run again (a run with
+    checkpoints, or in which another process trains, is never touched). True if removed."""
     run_dir = Path(run_dir)
     if not distributed.is_main() or not (run_dir / "config.yaml").exists() or any(run_dir.rglob("*.pt")):
-        return
+        return False
     if holder(run_dir):  # another process trains other models of the run (--only): its files stay
-        return
+        return False
     for name in ("config.yaml", LOG, "metrics.csv"):
         for path in [run_dir / name, *run_dir.glob(f"*/{name}")]:
             path.unlink(missing_ok=True)
     for tb in [run_dir / "tb", *run_dir.glob("*/tb")]:
         shutil.rmtree(tb, ignore_errors=True)
+    return True
 
 
 def _now() -> str:
@@ -328,9 +459,16 @@ def write_eval(run_dir: str | Path, results: dict, table: str, name: str | None 
     """A run's evaluation: ``eval.json`` (everything, strict JSON: an undefined number is null) and
     ``eval.md`` (the table), or ``eval-NAME.*``."""
     run_dir, stem = Path(run_dir), eval_stem(name)
-    try:
-        (run_dir / f"{stem}.json").write_text(json.dumps(_strict_json(results), indent=2, allow_nan=False))
-        (run_dir / f"{stem}.md").write_text(table)
+    try:  # as a pair: a failed write or a stop never leaves one file from this evaluation, one from another
+        write_files(
+            {
+                run_dir / f"{stem}.json": json.dumps(_strict_json(results), indent=2, allow_nan=False),
+                run_dir / f"{stem}.md": table,
+            }
+        )
     except OSError as e:  # a full disk or a read-only run: the results are not lost, they are shown
         print(table)
-        raise OSError(f"could not write the evaluation into {run_dir} ({e.strerror}); its table is above") from e
+        raise OSError(
+            f"could not write the evaluation into {run_dir} ({e.strerror}); its table is above, and "
+            f"{stem}.json and {stem}.md were left as they were"
+        ) from e
