@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from fnmatch import fnmatchcase
 
 from torch import Tensor, nn
@@ -34,6 +34,13 @@ class FunctionalModel:
                 canonical = first_name.setdefault(id(p), name)
                 self.aliases.setdefault(canonical, []).append(name)
         self._has_aliases = any(len(v) > 1 for v in self.aliases.values())
+        # Every name each parameter is reachable by, a submodule's second name too, for matching names
+        # (``adapt=`` patterns); the call above sets each module slot once and must not see these.
+        canonical = {id(p): name for name, p in self.params().items()}
+        self.all_names: dict[str, list[str]] = {name: [] for name in self.aliases}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            if id(p) in canonical:
+                self.all_names[canonical[id(p)]].append(name)
 
     def params(self) -> dict[str, nn.Parameter]:
         """The trainable parameters, each physical tensor once."""
@@ -46,29 +53,44 @@ class FunctionalModel:
         return functional_call(self.module, params, args, kwargs, tie_weights=False, strict=False)
 
 
-def select_names(names: Iterable[str], patterns: Iterable[str] | Callable[[str], bool] | None) -> list[str]:
+def select_names(
+    names: Iterable[str] | Mapping[str, list[str]], patterns: Iterable[str] | Callable[[str], bool] | None
+) -> list[str]:
     """Names matching ``patterns``: glob strings (``"head.*"``), a predicate, or ``None`` for all.
 
-    A pattern starting with ``!`` excludes what it matches (``["*", "!*.bn.bias"]``).
+    A pattern starting with ``!`` excludes what it matches (``["*", "!*.bn.bias"]``). ``names`` may
+    map each name to all its aliases (:attr:`FunctionalModel.aliases`, for a submodule registered
+    under two names): a name matches a pattern, or an exclusion, if any of its aliases does.
     """
-    names = list(names)
+    aliases = names if isinstance(names, Mapping) else {n: [n] for n in names}
     if patterns is None:
-        return names
+        return list(aliases)
     if callable(patterns):
-        return [n for n in names if patterns(n)]
+        return [n for n, al in aliases.items() if any(patterns(a) for a in al)]
     patterns = list(patterns)
     chosen = []
-    for n in names:
+    for n, al in aliases.items():
         keep = False
         for pat in patterns:
             if pat.startswith("!"):
-                if fnmatchcase(n, pat[1:]):
+                if any(fnmatchcase(a, pat[1:]) for a in al):
                     keep = False
-            elif fnmatchcase(n, pat):
+            elif any(fnmatchcase(a, pat) for a in al):
                 keep = True
         if keep:
             chosen.append(n)
     return chosen
+
+
+def unmatched_patterns(
+    names: Iterable[str] | Mapping[str, list[str]], patterns: Iterable[str] | Callable[[str], bool] | None
+) -> list[str]:
+    """The including patterns (no ``!``) of ``patterns`` that match none of ``names`` or their aliases."""
+    if patterns is None or callable(patterns):
+        return []
+    aliases = names if isinstance(names, Mapping) else {n: [n] for n in names}
+    every = [a for al in aliases.values() for a in al]
+    return [p for p in patterns if not p.startswith("!") and not any(fnmatchcase(a, p) for a in every)]
 
 
 def detach(params: Params) -> Params:

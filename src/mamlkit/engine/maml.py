@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -9,20 +11,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import FunctionalModel, Params, select_names
+from .checks import check_step_size, check_steps, step_sizes, task_count
+from .functional import FunctionalModel, Params, select_names, unmatched_patterns
 from .recompute import recomputed_inner_step
 from .step_sizes import _key, _step_size, migrate_old_keys
 from .strategies import (
+    _VMAP_UNSAFE_SECOND_ORDER,
+    _VMAP_UNSAFE_SECOND_ORDER_OPS,
+    ModelOps,
     candidate_strategies,
     fastest,
     map_tasks,
+    module_label,
+    record_ops,
+    refuse_checkpoint,
+    refuse_second_order_ops,
     refuse_vmap_for_ops,
     vmap_unsafe_modules,
-    vmap_unsafe_ops,
 )
 
 LossFn = Callable[[Any, Any], Tensor]
-StepSize = float | Sequence[float] | None
+StepSize = float | Tensor | Sequence[float | Tensor] | None
+
+_log = logging.getLogger("mamlkit")
 
 
 class TaskBatch(NamedTuple):
@@ -87,10 +98,8 @@ class MAML(nn.Module):
         autocast: str | None = "none",
     ):
         super().__init__()
-        if inner_steps < 0:
-            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
-        if inner_lr < 0:
-            raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
+        inner_steps = check_steps(inner_steps, "inner_steps")
+        check_step_size(inner_lr, "inner_lr")
         _check_running_stats(model)
         self.model = model
         self.fmodel = FunctionalModel(model)
@@ -99,14 +108,22 @@ class MAML(nn.Module):
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.first_order = first_order
-        self.adapted_names = select_names(self.fmodel.aliases, adapt)
+        if isinstance(adapt, str):  # one pattern, not one per character
+            adapt = [adapt]
+        # Fixed here, for every strategy: freezing a parameter later stops its meta-gradient, not its adaptation.
+        self.adapted_names = select_names(self.fmodel.all_names, adapt)
+        names = [a for aliases in self.fmodel.all_names.values() for a in aliases]
         if inner_steps > 0 and not self.adapted_names:
-            raise ValueError(f"adapt={adapt!r} matches no trainable parameter; names are {list(self.fmodel.aliases)}")
+            raise ValueError(f"adapt={adapt!r} matches no trainable parameter; names are {names}")
+        missed = unmatched_patterns(self.fmodel.all_names, adapt)
+        if inner_steps > 0 and missed:
+            raise ValueError(f"adapt pattern(s) {missed} match no trainable parameter (a typo?); names are {names}")
         self.learn_inner_lr = learn_inner_lr
         if learn_inner_lr:
             params = self.fmodel.params()
+            init = float(inner_lr)
             self.inner_lrs = nn.ParameterDict(
-                {_key(n): nn.Parameter(torch.full_like(params[n].detach(), inner_lr)) for n in self.adapted_names}
+                {_key(n): nn.Parameter(torch.full_like(params[n].detach(), init)) for n in self.adapted_names}
             )
         if checkpoint_inner and (strategy == "vmap" or compile):
             raise ValueError(
@@ -118,8 +135,11 @@ class MAML(nn.Module):
             raise ValueError(f"autocast must be None, 'none' or 'bf16', got {autocast!r}")
         self.autocast = None if autocast == "none" else autocast
         self._second_order = not first_order and inner_steps > 0
+        self._requested = strategy
         self._candidates = candidate_strategies("loop" if checkpoint_inner else strategy, model, self._second_order)
         self.strategy = self._candidates[0]
+        self._ops: ModelOps | None = None  # what one support forward runs, recorded once
+        self._mutated_buffers: list[str] = []  # buffers that forward updates in place
         self.strategy_timings: dict[str, float] = {}
         if cuda_graphs and not compile:
             raise ValueError("cuda_graphs=True needs compile=True (the graphs are captured by torch.compile)")
@@ -168,10 +188,18 @@ class MAML(nn.Module):
         ``lr`` may be a float or one value per step (the RL protocol's 0.1 then 0.05);
         ``None`` uses the training step size (learned ones under Meta-SGD).
         """
-        steps = self.inner_steps if steps is None else steps
-        return self._adapt(
-            self.params() if params is None else params, inputs, targets, self._lrs(lr, steps), create_graph
-        )
+        steps = self.inner_steps if steps is None else check_steps(steps)
+        lrs = self._lrs(lr, steps)
+        if params is None:
+            params = self.params()
+        else:
+            missing = [n for n in self.fmodel.aliases if n not in params]
+            if missing:
+                raise ValueError(f"params lacks {missing}: give every meta-parameter, as MAML.params() names them")
+        if steps and torch._C._functorch.peek_interpreter_stack() is None:
+            # Not inside a torch.func transform, where recording would see batched calls.
+            self._check_ops(self._model_ops(params, inputs, targets), create_graph and torch.is_grad_enabled())
+        return self._adapt(params, inputs, targets, lrs, create_graph)
 
     def _adapt(self, params: Params, inputs, targets, lrs: list, create_graph: bool) -> Params:
         for lr in lrs:
@@ -195,24 +223,25 @@ class MAML(nn.Module):
     def _recomputed_inner_step(self, params: Params, inputs, targets, lr) -> Params:
         """A second-order inner step that keeps only its inputs and rebuilds its graph in the
         backward pass (``checkpoint_inner``; :func:`recompute.recomputed_inner_step`)."""
-        names = [n for n in self.adapted_names if params[n].requires_grad]
-        return recomputed_inner_step(self.fmodel, self.loss_fn, names, params, inputs, targets, lr, _key)
+        # The parameters fixed at construction, as the other strategies adapt, whatever requires_grad says now.
+        buffers = dict(self.model.named_buffers())
+        replay = [buffers[n] for n in self._mutated_buffers]
+        return recomputed_inner_step(
+            self.fmodel, self.loss_fn, self.adapted_names, params, inputs, targets, lr, _key, replay
+        )
 
     def _lrs(self, lr: StepSize, steps: int) -> list:
         if lr is None:
             return [self.inner_lrs if self.learn_inner_lr else self.inner_lr] * steps
-        if isinstance(lr, int | float):
-            return [float(lr)] * steps
-        lr = list(lr)
-        if not lr:
-            raise ValueError("lr sequence is empty")
-        # A schedule shorter than the number of steps keeps its last value.
-        return [lr[min(i, len(lr) - 1)] for i in range(steps)]
+        return step_sizes(lr, steps)
 
     # -- meta-batch ----------------------------------------------------------------------
 
     def meta_forward(self, batch: TaskBatch) -> tuple[Tensor, Any]:
         """Per-task query losses (shape ``[tasks]``) and query outputs after adaptation."""
+        task_count(batch)
+        if not self.learn_inner_lr:
+            check_step_size(self.inner_lr, "inner_lr")  # it may have been set after construction
         lr = self.inner_lrs if self.learn_inner_lr else None
         self._ensure_strategy(lr, batch)
         return self._call("forward", self.params(), lr, *batch)
@@ -230,9 +259,13 @@ class MAML(nn.Module):
         a single compiled forward computation, with no autograd graph to walk. Otherwise it is
         ``meta_loss(batch).backward()``.
         """
+        task_count(batch)
         lr = self.inner_lrs if self.learn_inner_lr else None
         self._ensure_strategy(lr, batch)  # may turn the functional path off
-        if not self._functional_grad:
+        # The transform differentiates the parameters and Meta-SGD's step sizes; a step size that is a
+        # tensor requiring grad (a learned scalar) needs autograd, which follows every input.
+        learned_scalar = isinstance(self.inner_lr, Tensor) and self.inner_lr.requires_grad
+        if not self._functional_grad or learned_scalar:
             loss = self.meta_loss(batch)
             loss.backward()
             return loss.detach()
@@ -269,20 +302,21 @@ class MAML(nn.Module):
         return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, out)
 
     def _ensure_strategy(self, lr, batch: TaskBatch) -> None:
-        """Choose the strategy on the first meta-batch: drop vmap where the model's operations make
-        it inexact, then time what is left."""
+        """Check the model's operations and choose the strategy on the first meta-batch: refuse what no
+        strategy computes right, drop vmap where it would be inexact or cannot run, then time what is
+        left. The choice is made with gradients on (a first batch under ``torch.no_grad()`` cannot
+        time meta-gradients), and leaves the model's buffers and the random-number stream as it found them."""
         if self._strategy_chosen:
             return
-        if self._second_order and "vmap" in self._candidates:
-            unsafe = self._vmap_unsafe_ops(batch)
-            if unsafe:
-                if self._candidates == ["vmap"]:
-                    refuse_vmap_for_ops(unsafe)  # raises, and again on the next call
-                self._candidates = ["loop"]
-                self.strategy = "loop"
-                self._functional_grad = False  # as for the layers the module guard finds
+        why = ""
+        if self.inner_steps > 0:
+            si, st = (torch.utils._pytree.tree_map(lambda t: t[0], x) for x in batch[:2])
+            found = self._model_ops(self.params(), si, st)
+            self._check_ops(found, self._second_order)
+            why = self._drop_vmap(found)
         self._strategy_chosen = True
         if len(self._candidates) < 2:
+            self._log_choice(why)
             return
         params = self.params()
         leaves = [p for p in params.values() if p.requires_grad]
@@ -294,33 +328,129 @@ class MAML(nn.Module):
             torch.autograd.grad(losses.mean(), leaves, allow_unused=True)  # no .grad side effects
 
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            self.strategy_timings = fastest(run, self._candidates, sync)
-        self.strategy = min(self.strategy_timings, key=self.strategy_timings.get)
+        errors: dict[str, str] = {}
+        with (
+            torch.enable_grad(),
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            self._buffers_kept(),
+        ):
+            self.strategy_timings = fastest(run, self._candidates, sync, errors=errors)
+        finite = {k: v for k, v in self.strategy_timings.items() if v < float("inf")}
+        # Where every candidate failed, the loop's own error is the clearest the next call can give.
+        self.strategy = min(finite, key=finite.get) if finite else "loop"
+        self._log_choice(why, errors)
 
-    def _vmap_unsafe_ops(self, batch: TaskBatch) -> dict[str, str]:
-        """The operations of one support forward and loss whose second-order gradients vmap gets
-        wrong (:func:`~mamlkit.engine.strategies.vmap_unsafe_ops`).
+    def _drop_vmap(self, found: ModelOps) -> str:
+        """Keep vmap out of the candidates where the recorded operations make it inexact (second order
+        through a fused normalisation) or unable to run (buffers updated in place); refuse an explicit
+        ``strategy='vmap'`` there. Returns why, for the log."""
+        if "vmap" not in self._candidates:
+            return ""
+        why = ""
+        if self._mutated_buffers:
+            if self._candidates == ["vmap"]:
+                raise ValueError(
+                    f"strategy='vmap' cannot run a model whose forward updates buffers in place "
+                    f"({', '.join(self._mutated_buffers)}; spectral norm in training mode does): use "
+                    "strategy='loop' or 'auto' (which then runs the loop), or put that module in eval mode."
+                )
+            why = (
+                f"the forward updates the buffers {self._mutated_buffers} in place, which vmap cannot batch; "
+                "put that module in eval mode for vmap"
+            )
+        unsafe = {op: _VMAP_UNSAFE_SECOND_ORDER_OPS[op] for op in found.ops if op in _VMAP_UNSAFE_SECOND_ORDER_OPS}
+        if self._second_order and unsafe:
+            if self._candidates == ["vmap"]:
+                refuse_vmap_for_ops(dict(sorted(unsafe.items())))  # raises, and again on the next call
+            self._functional_grad = False  # as for the layers the module guard finds
+            op = sorted(unsafe)[0]
+            why = why or (
+                f"{self._module_label(found.ops[op][0])} runs {op} ({unsafe[op]}), which keeps second-order MAML "
+                "on the per-task loop (vmap's second derivatives through fused normalisation are wrong); use "
+                "mamlkit.models.layers.BatchNorm or first_order=True for vmap"
+            )
+        if why:
+            self._candidates = ["loop"]
+            self.strategy = "loop"
+        return why
 
-        Runs the model once on the first task's support set, as the inner loop would (the
-        meta-parameters, gradients on, the same autocast), recording the aten operations it
-        dispatches. Recording what runs, rather than the module types it is built of, catches a
-        normalisation however it is called; one support forward costs far less than the
-        meta-gradients the strategy choice already times. The other check, comparing vmap's
-        meta-gradient with the loop's on that batch, was not chosen: in float32 two exact
-        strategies can differ by more than the 0.1-1% this fault makes (docs/traps.md, float32
-        comparisons), so no tolerance separates the two, and it would cost two meta-gradients.
+    def _module_label(self, path: str) -> str:
+        return module_label(self.model, path)
+
+    def _log_choice(self, why: str, errors: dict[str, str] | None = None) -> None:
+        """Say once, on the ``mamlkit`` logger, which strategy ``auto`` chose and why."""
+        if self._requested != "auto":
+            return
+        if self.checkpoint_inner:
+            reason = "checkpoint_inner=True recomputes inner steps with autograd, which vmap cannot"
+        elif why:
+            reason = why
+        elif not self.strategy_timings:
+            unsafe = [n for n, m in self.model.named_modules() if isinstance(m, _VMAP_UNSAFE_SECOND_ORDER)]
+            reason = "it is the only candidate"
+            if unsafe and self._second_order:
+                reason = (
+                    f"{self._module_label(unsafe[0])} keeps second-order MAML on the per-task loop (vmap's second "
+                    "derivatives through fused normalisation are wrong); use mamlkit.models.layers.BatchNorm or "
+                    "first_order=True for vmap"
+                )
+        else:
+            timed = ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in self.strategy_timings.items() if v < float("inf"))
+            parts = [f"the fastest meta-gradient on the first meta-batch ({timed})"] if timed else []
+            parts += [f"{k} failed ({e})" for k, e in (errors or {}).items()]
+            reason = "; ".join(parts)
+        _log.info("strategy='auto' chose %s for %s: %s", self.strategy, type(self.model).__name__, reason)
+
+    def _model_ops(self, params: Params, inputs, targets) -> ModelOps:
+        """The operations of one support forward and loss, recorded once per model
+        (:func:`~mamlkit.engine.strategies.record_ops`), and which buffers it updates in place.
+
+        Runs the model once on one task's support set, as the inner loop would (gradients on, the same
+        autocast), and leaves the random-number stream and the buffers as they were. Recording what
+        runs, rather than the module types it is built of, catches an operation however it is called;
+        one support forward costs far less than the meta-gradients the strategy choice already times.
+        For vmap's normalisation fault, comparing vmap's meta-gradient with the loop's on that batch
+        was not chosen: in float32 two exact strategies can differ by more than the 0.1-1% this fault
+        makes (docs/traps.md, float32 comparisons), so no tolerance separates the two.
         """
-        params = self.params()
-        si, st = (torch.utils._pytree.tree_map(lambda t: t[0], x) for x in batch[:2])
+        if self._ops is not None:
+            return self._ops
         device = next(iter(params.values())).device
 
         def support_loss():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast == "bf16"):
-                return self.loss_fn(self.fmodel(params, si), st)
+                return self.loss_fn(self.fmodel(params, inputs), targets)
 
-        with torch.enable_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return vmap_unsafe_ops(support_loss)
+        with (
+            torch.enable_grad(),
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            self._buffers_kept(record=True),
+        ):
+            self._ops = record_ops(support_loss, self.model)
+        return self._ops
+
+    def _check_ops(self, found: ModelOps, second_order: bool) -> None:
+        """Refuse what no strategy computes right: checkpointing inside the model, and second order
+        through an operation whose double backward is wrong or missing."""
+        refuse_checkpoint(found, self.model)
+        if second_order:
+            refuse_second_order_ops(found, self.model)
+
+    @contextlib.contextmanager
+    def _buffers_kept(self, record: bool = False):
+        """Put back the model's buffers that the block updates in place (the strategy choice's runs
+        are measurements, not training); ``record`` notes their names."""
+        buffers = dict(self.model.named_buffers())
+        saved = {n: (b._version, b.detach().clone()) for n, b in buffers.items()}
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, (version, value) in saved.items():
+                    if buffers[n]._version != version:
+                        buffers[n].copy_(value)
+                        if record and n not in self._mutated_buffers:
+                            self._mutated_buffers.append(n)
 
     def _meta_forward_impl(self, params, lr, si, st, qi, qt):
         if self.autocast:
@@ -354,6 +484,8 @@ class MAML(nn.Module):
 
         Returns ``{name: tensor[tasks, steps + 1]}``; ``metrics`` default to the query loss.
         """
+        task_count(batch)
+        steps = check_steps(steps)
         metrics = metrics or {"loss": self.query_loss_fn}
         lrs = self._lrs(lr, steps)
         params = self.params() if params is None else params
@@ -404,7 +536,10 @@ class MAML(nn.Module):
 
 
 def _accumulate(tensors: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
+    """Add ``grads`` into ``.grad`` as ``backward()`` would: not into a tensor frozen since construction."""
     for name, t in tensors.items():
+        if not t.requires_grad:
+            continue
         g = grads[name]
         if t.grad is None:
             t.grad = g

@@ -13,7 +13,15 @@ from .functional import FunctionalModel, Params
 
 
 def recomputed_inner_step(
-    fmodel: FunctionalModel, loss_fn, names: list[str], params: Params, inputs, targets, lr, key: Callable[[str], str]
+    fmodel: FunctionalModel,
+    loss_fn,
+    names: list[str],
+    params: Params,
+    inputs,
+    targets,
+    lr,
+    key: Callable[[str], str],
+    buffers: list[Tensor] = (),
 ) -> Params:
     """A second-order inner step that keeps only its inputs and rebuilds its graph in the
             backward pass (``checkpoint_inner``), with autograd instead of torch.func.
@@ -25,11 +33,14 @@ def recomputed_inner_step(
             unpacked the activations that checkpoint had just dropped and recomputed them during the
             forward pass, and the backward pass recomputed them again.
 
-    ``names``: the parameters the step adapts; ``lr`` one step size, or Meta-SGD's per
-    parameter, found by ``key(name)``.
+    ``names``: the parameters the step adapts, whether or not they require grad now (the set the
+    other strategies adapt); ``lr`` one step size (a number or a tensor, whose gradient is kept), or
+    Meta-SGD's per parameter, found by ``key(name)``. ``buffers``: the model's buffers that its
+    forward updates in place, put back as they were in the forward pass while it is recomputed.
     """
     param_names = list(params)
-    lr_names = names if isinstance(lr, nn.ParameterDict | dict) else []
+    per_param = isinstance(lr, nn.ParameterDict | dict)
+    lr_names = names if per_param else (["lr"] if isinstance(lr, Tensor) else [])
     data, spec = torch.utils._pytree.tree_flatten((inputs, targets))
     data_at = [i for i, x in enumerate(data) if isinstance(x, Tensor)]
     n_params, n_lrs = len(param_names), len(lr_names)
@@ -43,10 +54,17 @@ def recomputed_inner_step(
         x, y = torch.utils._pytree.tree_unflatten(leaves, spec)
         loss = loss_fn(fmodel(p, x), y)
         grads = torch.autograd.grad(loss, [p[n] for n in names], create_graph=create_graph, allow_unused=True)
-        return tuple(p[n] if g is None else p[n] - (lrs[n] if lr_names else lr) * g for n, g in zip(names, grads))
+        size = (lambda n: lrs[n]) if per_param else (lambda n: lrs["lr"]) if lr_names else (lambda n: lr)
+        return tuple(p[n] if g is None else p[n] - size(n) * g for n, g in zip(names, grads))
 
-    tensors = [params[n] for n in param_names] + [lr[key(n)] for n in lr_names] + [data[i] for i in data_at]
-    return {**params, **dict(zip(names, _RecomputedInnerStep.apply(step, *tensors)))}
+    lr_tensors = [lr[key(n)] for n in lr_names] if per_param else [lr] if lr_names else []
+    tensors = [params[n] for n in param_names] + lr_tensors + [data[i] for i in data_at]
+    # The step differentiates the adapted parameters even where they do not require grad (frozen since
+    # construction): their recomputed leaves must, whatever the meta-gradient needs.
+    adapted = set(names)
+    differentiated = [n in adapted for n in param_names] + [False] * (len(tensors) - n_params)
+    out = _RecomputedInnerStep.apply(step, differentiated, list(buffers), *tensors)
+    return {**params, **dict(zip(names, out))}
 
 
 class _RecomputedInnerStep(torch.autograd.Function):
@@ -63,8 +81,9 @@ class _RecomputedInnerStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, step, *tensors):
-        ctx.step = step
+    def forward(ctx, step, differentiated, buffers, *tensors):
+        ctx.step, ctx.differentiated, ctx.buffers = step, differentiated, buffers
+        ctx.buffer_values = [b.detach().clone() for b in buffers]
         ctx.devices = sorted({t.device for t in tensors if t.device.type == "cuda"}, key=str)
         ctx.rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.devices]
         ctx.autocast = {
@@ -73,14 +92,19 @@ class _RecomputedInnerStep(torch.autograd.Function):
         }
         ctx.save_for_backward(*tensors)
         with torch.enable_grad():
-            out = step([t.detach().requires_grad_(t.requires_grad) for t in tensors], create_graph=False)
+            out = step(
+                [t.detach().requires_grad_(t.requires_grad or d) for t, d in zip(tensors, differentiated)],
+                create_graph=False,
+            )
         return tuple(o.detach() for o in out)
 
     @staticmethod
     def backward(ctx, *grad_out):
         tensors = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[3:]
         higher = torch.is_grad_enabled()  # on in a backward pass only under create_graph=True
         with contextlib.ExitStack() as stack:
+            stack.enter_context(_replayed(ctx.buffers, ctx.buffer_values))
             stack.enter_context(torch.random.fork_rng(devices=ctx.devices))
             torch.set_rng_state(ctx.rng[0])
             for d, state in zip(ctx.devices, ctx.rng[1]):
@@ -88,11 +112,30 @@ class _RecomputedInnerStep(torch.autograd.Function):
             for dev, (enabled, dtype) in ctx.autocast.items():
                 stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
             stack.enter_context(torch.enable_grad())
-            if higher:  # a fresh node per input: no gradient reaches one input through another's history
-                leaves = [t.view_as(t) if t.requires_grad else t for t in tensors]
-            else:
-                leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+            leaves = [
+                # Under higher order, a fresh node per input: no gradient reaches one input through another's history.
+                t.view_as(t) if higher and w else t.detach().requires_grad_(w or d)
+                for t, w, d in zip(tensors, wanted, ctx.differentiated)
+            ]
             out = ctx.step(leaves, create_graph=True)
-            wrt = [t for t in leaves if t.requires_grad]
+            wrt = [t for t, w in zip(leaves, wanted) if w]
             grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True, create_graph=higher))
-        return (None, *(next(grads) if t.requires_grad else None for t in leaves))
+        return (None, None, None, *(next(grads) if w else None for w in wanted))
+
+
+@contextlib.contextmanager
+def _replayed(buffers: list[Tensor], values: list[Tensor]):
+    """The buffers hold ``values`` inside the block, and their own values again after it."""
+    if not buffers:
+        yield
+        return
+    now = [b.detach().clone() for b in buffers]
+    with torch.no_grad():
+        for b, v in zip(buffers, values):
+            b.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in zip(buffers, now):
+                b.copy_(v)

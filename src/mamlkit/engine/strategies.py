@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 STRATEGIES = ("auto", "loop", "vmap")
 
@@ -54,16 +55,146 @@ _VMAP_UNSAFE_SECOND_ORDER_OPS = {
 }
 
 
-class _OpRecorder(TorchDispatchMode):
-    """Records the name of every aten operation that reaches the dispatcher."""
+# Operations whose double backward is wrong with no error, on every strategy (the loop too), found by
+# torch.autograd.gradgradcheck in float64 over the operations of the shipped and tested models and
+# the layers a user is likely to add (tests/test_engine_inputs.py, test_double_backward_probe):
+# the fused weight-norm kernel fails it, the same formula in plain ops (g * v / ||v||) passes.
+# {aten name: (what calls it, the exact way to write it)}.
+_WRONG_DOUBLE_BACKWARD_OPS = {
+    "aten::_weight_norm_interface": (
+        "weight normalisation (torch.nn.utils.parametrizations.weight_norm or torch.nn.utils.weight_norm)",
+        "write the weight in plain tensor ops, g * v / v.norm(dim=<all but the output dim>, keepdim=True)",
+    ),
+}
 
-    def __init__(self):
+# Operations with no double backward at all: second order through them stops with a PyTorch error
+# deep inside the meta-backward pass (the same probe); refused up front with the way out instead.
+_NO_DOUBLE_BACKWARD_OPS = {
+    "aten::_cdist_forward": ("torch.cdist", "compute_mode='use_mm_for_euclid_dist' (p=2) or plain tensor ops"),
+    "aten::_pdist_forward": ("torch.pdist / F.pdist", "plain tensor ops"),
+    "aten::_embedding_bag": ("F.embedding_bag / nn.EmbeddingBag", "nn.Embedding followed by a sum or mean"),
+    "aten::_ctc_loss": ("F.ctc_loss / nn.CTCLoss", "a loss with a second derivative"),
+    "aten::hardsigmoid": ("F.hardsigmoid / nn.Hardsigmoid", "F.relu6(x + 3) / 6"),
+}
+
+# A marker that the recording's disable_saved_tensors_hooks puts into the error it raises.
+_SAVED_TENSOR_HOOKS = "mamlkit: the model's forward pushes saved-tensor hooks"
+
+
+class ModelOps(NamedTuple):
+    """What one forward of a model ran, as :func:`record_ops` saw it."""
+
+    ops: dict[str, tuple[str, bool]]  # aten name -> (module path that ran it, whether an input needed grad)
+    checkpoint: str | None  # module path whose forward called torch.utils.checkpoint (or other saved-tensor hooks)
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records the name of every aten operation that reaches the dispatcher, with the innermost module
+    that was running it and whether an input needed a gradient."""
+
+    def __init__(self, modules: list[str] | None = None):
         super().__init__()
         self.names: set[str] = set()
+        self.where: dict[str, tuple[str, bool]] = {}
+        self.modules = modules if modules is not None else []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func._schema.name)
+        name = func._schema.name
+        self.names.add(name)
+        grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves((args, kwargs)))
+        if name not in self.where or (grad and not self.where[name][1]):
+            self.where[name] = (self.modules[-1] if self.modules else "", grad)
         return func(*args, **(kwargs or {}))
+
+
+def record_ops(fn: Callable[[], object], model: nn.Module) -> ModelOps:
+    """Run ``fn()`` once (a support forward and loss of ``model``) and record what it dispatches.
+
+    Each aten operation is recorded with the innermost submodule of ``model`` whose forward ran it
+    (through global module hooks, for this call only). ``torch.utils.checkpoint`` cannot be seen at
+    the dispatcher, so it is caught where each form has to pass whatever name the model imported it
+    by: the non-reentrant form pushes saved-tensor hooks, which the recording disables so that the
+    push raises (as torch.func itself detects them), and the reentrant form calls
+    ``CheckpointFunction.forward``, looked up on the class at each call, which the recording wraps
+    for this call only. Patching ``torch.utils.checkpoint.checkpoint`` was not chosen: a model that
+    imported the function (``from torch.utils.checkpoint import checkpoint``) holds its own
+    reference. Looking for the reentrant form's node in the loss's graph was not either: it leaves
+    none where its inputs need no gradient (the parameters it uses are not inputs).
+    """
+    names = {id(m): name for name, m in model.named_modules()}
+    stack: list[str] = []
+
+    def enter(module, args):
+        if id(module) in names:
+            stack.append(names[id(module)])
+
+    def leave(module, args, out):
+        if id(module) in names and stack:
+            stack.pop()
+
+    hooks = [
+        nn.modules.module.register_module_forward_pre_hook(enter),
+        nn.modules.module.register_module_forward_hook(leave),
+    ]
+    reentrant = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
+    original = reentrant.__dict__["forward"] if reentrant is not None else None
+
+    def refuse_reentrant(*args, **kwargs):
+        raise RuntimeError(_SAVED_TENSOR_HOOKS)
+
+    checkpoint = None
+    recorder = _OpRecorder(stack)
+    try:
+        if reentrant is not None:
+            reentrant.forward = staticmethod(refuse_reentrant)
+        with recorder, torch.autograd.graph.disable_saved_tensors_hooks(_SAVED_TENSOR_HOOKS):
+            fn()
+    except RuntimeError as e:
+        if _SAVED_TENSOR_HOOKS not in str(e):
+            raise
+        checkpoint = stack[-1] if stack else ""
+    finally:
+        for h in hooks:
+            h.remove()
+        if reentrant is not None:
+            reentrant.forward = original
+    return ModelOps(dict(recorder.where), checkpoint)
+
+
+def module_label(model: nn.Module, path: str) -> str:
+    """``nn.LayerNorm at 'net.3'``: a submodule of ``model`` by its type and path, for messages."""
+    kind = type(dict(model.named_modules()).get(path, model))
+    name = f"nn.{kind.__name__}" if kind.__module__.startswith("torch.nn") else kind.__name__
+    return f"{name} at '{path}'" if path else f"the model's own forward ({name})"
+
+
+def refuse_second_order_ops(found: ModelOps, model: nn.Module) -> None:
+    """Raise for an operation whose double backward is wrong or missing, which second-order MAML needs."""
+    tables = ((_WRONG_DOUBLE_BACKWARD_OPS, "is wrong with no error"), (_NO_DOUBLE_BACKWARD_OPS, "is missing"))
+    for op, (path, grad) in found.ops.items():
+        for table, fault in tables:
+            if op in table and grad:
+                what, fix = table[op]
+                where = module_label(model, path)
+                raise ValueError(
+                    f"second-order MAML needs the second derivative of {what}, which {where} calls ({op}), and "
+                    f"PyTorch's {fault} for it (docs/traps.md#operations-with-a-wrong-double-backward): use "
+                    f"first_order=True, or {fix}."
+                )
+
+
+def refuse_checkpoint(found: ModelOps, model: nn.Module) -> None:
+    """Raise where the model's forward calls ``torch.utils.checkpoint``."""
+    if found.checkpoint is None:
+        return
+    path = found.checkpoint
+    where = "the model's forward" if path == "" else f"the forward of '{path}'"
+    raise ValueError(
+        f"{where} calls torch.utils.checkpoint (or pushes other saved-tensor hooks), which MAML's inner loop "
+        "cannot differentiate: torch.func rejects it and the autograd path gets the meta-gradient wrong "
+        "(docs/traps.md#activation-checkpointing-inside-a-model). Remove it from the model and use "
+        "MAML(checkpoint_inner=True) to save memory instead."
+    )
 
 
 def vmap_unsafe_ops(fn: Callable, *args) -> dict[str, str]:
@@ -125,10 +256,17 @@ def candidate_strategies(strategy: str, model: nn.Module, second_order: bool) ->
     return [strategy]
 
 
-def fastest(run: Callable[[str], None], candidates: list[str], sync: Callable[[], None], repeats: int = 3) -> dict:
+def fastest(
+    run: Callable[[str], None],
+    candidates: list[str],
+    sync: Callable[[], None],
+    repeats: int = 3,
+    errors: dict[str, str] | None = None,
+) -> dict:
     """Time ``run(strategy)`` for each candidate (best of ``repeats`` after one warm-up).
 
-    A candidate that fails (out of memory, say) is timed as infinitely slow.
+    A candidate that fails (out of memory, say) is timed as infinitely slow, and its error is put in
+    ``errors``.
     """
     import time
 
@@ -143,8 +281,10 @@ def fastest(run: Callable[[str], None], candidates: list[str], sync: Callable[[]
                 sync()
                 if i:
                     best = min(best, time.perf_counter() - t0)
-        except (RuntimeError, MemoryError):
+        except (RuntimeError, MemoryError) as e:
             best = float("inf")
+            if errors is not None:
+                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         timings[name] = best
     return timings
 
