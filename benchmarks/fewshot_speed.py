@@ -23,16 +23,18 @@ import time
 from pathlib import Path
 
 import torch
-from mamlkit.training.trainer import make_optimizer
 from report import write_section
 
 from mamlkit.experiments import fewshot, load_config
+from mamlkit.training import make_optimizer
 
 START, END = "<!-- fewshot-speed:start -->", "<!-- fewshot-speed:end -->"
 
 
-def time_preset(preset: str, strategy: str, compile: bool, device: str, windows: int, per_window: int) -> dict:
-    sets = [f"maml.strategy={strategy}", f"maml.compile={str(compile).lower()}", f"train.device={device}"]
+def time_preset(
+    preset: str, strategy: str, compile: bool, device: str, windows: int, per_window: int, extra: list[str]
+) -> dict:
+    sets = [f"maml.strategy={strategy}", f"maml.compile={str(compile).lower()}", f"train.device={device}", *extra]
     cfg = load_config(preset, sets)
     torch.manual_seed(0)
     learner = fewshot.make_learner(cfg)
@@ -74,8 +76,8 @@ def time_preset(preset: str, strategy: str, compile: bool, device: str, windows:
     }
 
 
-def auto_choice(preset: str, device: str) -> str:
-    cfg = load_config(preset, ["maml.strategy=auto", f"train.device={device}"])
+def auto_choice(preset: str, device: str, extra: list[str]) -> str:
+    cfg = load_config(preset, ["maml.strategy=auto", f"train.device={device}", *extra])
     learner = fewshot.make_learner(cfg)
     tasks = fewshot.make_tasks(cfg, fewshot.load_split(cfg, "train"), cfg.task.q_query)
     learner.meta_backward(tasks.batch(cfg.train.meta_batch_size, torch.Generator(device).manual_seed(0)))
@@ -109,6 +111,7 @@ def main() -> None:
     p.add_argument("--per-window", type=int, default=3, help="meta-iterations per timed window")
     p.add_argument("--data", default=None, help="Omniglot directory (default: $MAMLKIT_OMNIGLOT_DIR)")
     p.add_argument("--write", type=Path, default=None, help="Markdown file whose marked section to replace")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     args = p.parse_args()
     if args.data:
         os.environ["MAMLKIT_OMNIGLOT_DIR"] = args.data
@@ -116,9 +119,11 @@ def main() -> None:
     for preset in args.presets.split(","):
         for strategy in args.strategies.split(","):
             for compile in (False, True) if args.compile else (False,):
-                rows.append(time_preset(preset, strategy, compile, args.device, args.windows, args.per_window))
+                rows.append(
+                    time_preset(preset, strategy, compile, args.device, args.windows, args.per_window, args.set)
+                )
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
-        choices.append(auto_choice(preset, args.device))
+        choices.append(auto_choice(preset, args.device, args.set))
         print(choices[-1], flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu()
     text = "\n".join(

@@ -44,7 +44,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from mamlkit.training.trainer import make_optimizer
 from report import write_section
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -52,6 +51,7 @@ from torch.func import functional_call
 from mamlkit import MAML, TaskBatch
 from mamlkit.models import miniimagenet_conv4, mlp, omniglot_conv4
 from mamlkit.tasks import SinusoidTasks
+from mamlkit.training import make_optimizer
 
 # -- the workloads --------------------------------------------------------------------------------
 META_LR = 1e-3

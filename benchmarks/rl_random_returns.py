@@ -2,7 +2,7 @@
 task environments, at their simulation step and at gymnasium's 0.05 s, for comparison with the
 paper's random-initialisation returns before any update (RESULTS.md).
 
-    python benchmarks/rl_random_returns.py [--tasks 40] [--seed 0]
+    python benchmarks/rl_random_returns.py [--tasks 40] [--seed 0] [--horizon 200]
 """
 
 from __future__ import annotations
@@ -41,11 +41,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--horizon", type=int, default=200, help="steps per episode at most")
     args = p.parse_args()
     print("| environment | dt (s) | return ± 95% CI | mean episode length |\n|---|---|---|---|")
     for name in NAMES:
         for kwargs in ({}, {"frame_skip": 5}):
-            mean, ci, length, dt = random_returns(name, args.tasks, args.seed, **kwargs)
+            mean, ci, length, dt = random_returns(name, args.tasks, args.seed, args.horizon, **kwargs)
             print(f"| {name} | {dt:.2f} | {mean:.1f} ± {ci:.1f} | {length:.0f} |")
 
 

@@ -3,7 +3,7 @@
 Environment rows: the torch-batched 2D navigation sampler (tasks × trajectories stepped at once,
 with the policy) and the gymnasium Navigation2D env stepped one at a time (random actions).
 Meta-iteration rows: one full navigation meta-iteration (sampling, inner step, TRPO) at the
-paper's sizes. The MuJoCo sampler has its own script, ``benchmarks/rl_batched_sampler.py``.
+paper's sizes (``--set`` changes them). The MuJoCo sampler has its own script, ``benchmarks/rl_batched_sampler.py``.
 
 Usage:
     python benchmarks/rl_speed.py [--seconds 5] [--only nav,meta] [--threads 1]
@@ -59,13 +59,13 @@ def bench_navigation(seconds: float) -> list[tuple[str, float]]:
     return rows
 
 
-def bench_meta_iteration(iterations: int) -> list[tuple[str, float]]:
+def bench_meta_iteration(iterations: int, sets: list[str]) -> list[tuple[str, float]]:
     from mamlkit.experiments import load_config, rl
     from mamlkit.rl.tasks import make_tasks
 
     rows = []
     for first_order in (False, True):
-        cfg = load_config("rl-navigation2d", [f"maml.first_order={str(first_order).lower()}"])
+        cfg = load_config("rl-navigation2d", [f"maml.first_order={str(first_order).lower()}", *sets])
         torch.manual_seed(0)
         family = make_tasks(cfg.env)
         learner = rl.make_learner(cfg, "maml", family)
@@ -79,7 +79,8 @@ def bench_meta_iteration(iterations: int) -> list[tuple[str, float]]:
         label = "first-order" if first_order else "second-order"
         rows.append(
             (
-                f"navigation meta-iteration, MAML {label}, 20 tasks x 20 trajectories (s/it, median)",
+                f"navigation meta-iteration, MAML {label}, {cfg.train.meta_batch_size} tasks x "
+                f"{cfg.train.trajectories} trajectories (s/it, median)",
                 float(np.median(times)),
             )
         )
@@ -92,6 +93,7 @@ def main() -> None:
     p.add_argument("--only", default="nav,meta")
     p.add_argument("--iterations", type=int, default=3, help="meta-iterations timed")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="meta-iteration config override")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,7 +106,7 @@ def main() -> None:
     if "nav" in only:
         rows += [(n, v, "steps/s") for n, v in bench_navigation(args.seconds)]
     if "meta" in only:
-        rows += [(n, v, "s") for n, v in bench_meta_iteration(args.iterations)]
+        rows += [(n, v, "s") for n, v in bench_meta_iteration(args.iterations, args.set)]
     print("| workload | value | unit |\n|---|---|---|")
     for name, value, unit in rows:
         print(f"| {name} | {value:,.1f} | {unit} |")

@@ -1,13 +1,13 @@
 """TRPO's KL Hessian-vector product with each task computed in a loop or under vmap.
 
-A half-cheetah-shaped meta-batch (``--tasks`` × 20 trajectories × 200 steps, 17-dim observations,
+A half-cheetah-shaped meta-batch (``--tasks`` × ``--trajectories`` × ``--horizon`` steps, 17-dim observations,
 6-dim actions, 2×100 policy) of random data: time the policy outputs through the second-order
 inner step, the KL product set-up and ``--products`` products, for each strategy; check that
 the strategies' products agree; then time the product's ``J v`` by a backward pass (as
 ``kl_hvp``) against forward mode.
 
 Usage:
-    python benchmarks/trpo_strategies.py [--tasks 40] [--products 3] [--threads 1]
+    python benchmarks/trpo_strategies.py [--tasks 40] [--products 3] [--threads 1] [--trajectories 20] [--horizon 200]
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=40)
     p.add_argument("--products", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--trajectories", type=int, default=20, help="per task")
+    p.add_argument("--horizon", type=int, default=200)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -33,7 +35,7 @@ def main() -> None:
     from mamlkit.rl.policy import GaussianMLPPolicy, reinforce_loss
     from mamlkit.rl.trpo import MetaTRPO, TaskData
 
-    t, n, h, d, a = args.tasks, 20, 200, 17, 6
+    t, n, h, d, a = args.tasks, args.trajectories, args.horizon, 17, 6
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     maml = MAML(GaussianMLPPolicy(d, a, (100, 100)), reinforce_loss, inner_lr=0.1, strategy="loop")
