@@ -227,6 +227,10 @@ def test_second_order_through_weight_norm_is_refused(kwargs, kind):
     model = WeightNormNet(kind)
     batch = make_batch()
     maml = MAML(model, inner_lr=0.3, inner_steps=2, **kwargs)
+    # A first-order adapt from detached parameters (as RL's sampling takes) is fine, and does not hide
+    # the operation from the second-order meta-batch after it.
+    detached = {n: p.detach() for n, p in maml.params().items()}
+    maml.adapt(batch.support_inputs[0], batch.support_targets[0], params=detached)
     for _ in range(2):  # on every call
         with pytest.raises(ValueError, match="_weight_norm_interface") as err:
             maml.meta_loss(batch)
@@ -286,6 +290,8 @@ def test_checkpoint_inside_the_model_is_refused(reentrant, kwargs, first_order):
     for _ in range(2):
         with pytest.raises(ValueError, match="torch.utils.checkpoint.*checkpoint_inner=True"):
             maml.meta_loss(make_batch())
+    with pytest.raises(ValueError, match="torch.utils.checkpoint"):
+        maml.adaptation_curve(make_batch(), steps=1)
 
 
 # -- 4. buffers that the forward updates in place -----------------------------------------------------

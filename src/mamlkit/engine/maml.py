@@ -55,17 +55,20 @@ class MAML(nn.Module):
         model: the network; its trainable parameters are the meta-parameters.
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` used in the inner loop.
         query_loss_fn: loss on the query set (defaults to ``loss_fn``).
-        inner_lr: inner step size α.
+        inner_lr: inner step size α: a finite number >= 0 (0 takes no step), or a one-element tensor
+            (one that requires grad is meta-learned like a parameter).
         inner_steps: inner gradient steps at training.
         first_order: drop second derivatives (FOMAML).
         adapt: which parameters the inner loop adapts: glob patterns (``["head.*"]``,
-            ``["*", "!*.bn.bias"]``), a predicate on names, or ``None`` for all. The others
-            are still meta-learned.
+            ``["*", "!*.bn.bias"]``; a parameter matches by any of its names), a predicate on names,
+            or ``None`` for all. The others are still meta-learned. The set is fixed here, for every
+            strategy: a parameter frozen later is still adapted, and gets no meta-gradient.
         learn_inner_lr: Meta-SGD: learn a step size per parameter element.
         strategy: ``"loop"``, ``"vmap"`` or ``"auto"``: the faster of the two, measured on the
             first meta-batch (only the loop where the model holds layers, or calls operations,
             whose second-order gradients vmap gets wrong; an explicit ``"vmap"`` is then refused).
-            ``self.strategy`` tells the choice, ``self.strategy_timings`` the measurements.
+            ``self.strategy`` tells the choice, ``self.strategy_timings`` the measurements, and the
+            ``mamlkit`` logger says it and why, once (INFO).
         compile: run the meta-batch computation under ``torch.compile``.
         cuda_graphs: with ``compile`` on CUDA, replay the compiled meta-batch computation as a
             CUDA graph (``mode="reduce-overhead"``): one launch instead of hundreds of small
@@ -320,12 +323,13 @@ class MAML(nn.Module):
             return
         params = self.params()
         leaves = [p for p in params.values() if p.requires_grad]
-        device = leaves[0].device
+        device = next(iter(params.values())).device
 
         def run(strategy: str) -> None:
             self.strategy = strategy
             losses, _ = self._meta_forward_impl(params, lr, *batch)
-            torch.autograd.grad(losses.mean(), leaves, allow_unused=True)  # no .grad side effects
+            if leaves:  # every parameter may have been frozen since construction
+                torch.autograd.grad(losses.mean(), leaves, allow_unused=True)  # no .grad side effects
 
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         errors: dict[str, str] = {}
@@ -416,6 +420,9 @@ class MAML(nn.Module):
         if self._ops is not None:
             return self._ops
         device = next(iter(params.values())).device
+        # Every parameter needs a gradient here, as in the inner loop, whatever the caller's params
+        # (detached ones for sampling, say): the record says which operations a gradient goes through.
+        params = {n: p.detach().requires_grad_() for n, p in params.items()}
 
         def support_loss():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast == "bf16"):
@@ -489,6 +496,9 @@ class MAML(nn.Module):
         metrics = metrics or {"loss": self.query_loss_fn}
         lrs = self._lrs(lr, steps)
         params = self.params() if params is None else params
+        if steps:
+            si, st = (torch.utils._pytree.tree_map(lambda t: t[0], x) for x in batch[:2])
+            self._check_ops(self._model_ops(params, si, st), second_order=False)
 
         def one_task(si, st, qi, qt):
             p = params
