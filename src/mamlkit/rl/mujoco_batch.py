@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import mujoco
 import numpy as np
 import torch
 from torch import Tensor
@@ -39,7 +38,7 @@ from .families import (
     RESET_NOISE,
     XML,
 )
-from .mujoco_sim import _BatchSim, _CapiSim, _ThreadSim, default_threads, has_batch, has_capi
+from .mujoco_sim import _BatchSim, _CapiSim, _ThreadSim, default_threads, has_batch, has_capi, load_model
 from .policy import TaskPolicy
 from .sampler import Episodes, task_noise
 
@@ -73,7 +72,7 @@ class BatchedMujoco:
         self.name, self.family, self.n = task_name, MUJOCO[task_name], n_copies
         fam = self.family
         self.frame_skip = int(frame_skip or FRAME_SKIP[fam.robot])
-        self.model = mujoco.MjModel.from_xml_path(expand_model_path(XML[fam.robot]))
+        self.model = load_model(expand_model_path(XML[fam.robot]))
         m = self.model
         self.dt = m.opt.timestep * self.frame_skip
         self.init_qpos, self.init_qvel = m.qpos0.copy(), np.zeros(m.nv)

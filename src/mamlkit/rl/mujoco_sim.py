@@ -27,6 +27,25 @@ import mujoco
 import numpy as np
 
 
+def load_model(path: str) -> mujoco.MjModel:
+    """The compiled model of an MJCF file, with the file's ``settotalmass`` applied after compiling.
+
+    MuJoCo 4 deprecates the compiler attribute (gymnasium's half_cheetah.xml sets it to 14) and
+    prints a warning each time a model using it compiles; ``mj_setTotalmass`` + ``mj_setConst`` on the
+    compiled model is its supported replacement and gives the same model, bit for bit.
+    """
+    if not hasattr(mujoco, "MjSpec"):  # MuJoCo < 3.2: no specs, and the attribute is not deprecated yet
+        return mujoco.MjModel.from_xml_path(path)
+    spec = mujoco.MjSpec.from_file(path)
+    total = spec.compiler.settotalmass
+    spec.compiler.settotalmass = -1  # MuJoCo's "unset"
+    model = spec.compile()
+    if total > 0:
+        mujoco.mj_setTotalmass(model, total)
+        mujoco.mj_setConst(model, mujoco.MjData(model))
+    return model
+
+
 def has_batch() -> bool:
     """Whether this MuJoCo has ``mujoco.batch`` (MuJoCo >= 4)."""
     try:

@@ -31,11 +31,13 @@ returns are comparable with the paper in shape and ordering, not to the decimal.
 
 from __future__ import annotations
 
+import mujoco
 import numpy as np
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
 from .families import ANT_CONTACT, ANT_CTRL, ANT_SURVIVE, CHEETAH_CTRL, FRAME_SKIP, MUJOCO, MujocoFamily
+from .mujoco_sim import load_model
 
 
 class _TaskMixin:
@@ -96,7 +98,18 @@ def _clip(env, action) -> np.ndarray:
     return np.clip(action, env.action_space.low, env.action_space.high)
 
 
-class _Cheetah(HalfCheetahEnv):
+class _Model:
+    """Gymnasium's model loading, through ``load_model``: the half-cheetah file's ``settotalmass``
+    would otherwise print MuJoCo's deprecation warning on every environment made."""
+
+    def _initialize_simulation(self):
+        model = load_model(self.fullpath)
+        model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)  # as gymnasium does
+        model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
+        return model, mujoco.MjData(model)
+
+
+class _Cheetah(_Model, HalfCheetahEnv):
     def __init__(self, task: dict | None = None, **kwargs):
         super().__init__(**{"frame_skip": FRAME_SKIP["halfcheetah"], **kwargs})
         self._start_with(task)
@@ -110,7 +123,7 @@ class _Cheetah(HalfCheetahEnv):
         return obs, reward, terminated, truncated, info
 
 
-class _Ant(AntEnv):
+class _Ant(_Model, AntEnv):
     def __init__(self, task: dict | None = None, **kwargs):
         rllab = {
             "frame_skip": FRAME_SKIP["ant"],
