@@ -171,26 +171,79 @@ def test_pretrained_step_size_is_chosen_on_held_out_tasks_and_never_a_diverged_o
     assert not torch.equal(seen[0].support_targets[:1], test.support_targets[:1])  # never the test tasks
 
 
-def test_diverged_tasks_are_counted_and_their_rows_marked_in_the_table():
-    steps = 10
-    mse = torch.full((10, steps + 1), 0.5)
-    mse[0, 6:] = float("inf")  # blows up after 6 steps
-    mse[1, 5] = 200.0  # far above any sinusoid's variance at one step only
+def diverging_mse(tasks=10, steps=10):
+    """Query MSE after 0..steps steps: 0.5, but task 0 blows up after 6 steps and task 1 at step 5 only."""
+    mse = torch.full((tasks, steps + 1), 0.5)
+    mse[0, 6:] = float("inf")
+    mse[1, 5] = 200.0  # far above any sinusoid's variance
     mse[2, :] = 1.5  # poor but finite: not diverged
-    diverged, fine = sinusoid.summarise(mse), sinusoid.summarise(torch.full((10, steps + 1), 0.25))
-    assert diverged["diverged_tasks"] == 2 and fine["diverged_tasks"] == 0
-    assert diverged["mse"][10] == float("inf") and diverged["median"][10] == 0.5
-    assert diverged["mse_without_diverged"][10] == pytest.approx((7 * 0.5 + 1.5) / 8)
-    results = {
-        "eval": {"num_tasks": 10},
-        "models": {"maml": {"iterations": 1, "shots": {"5": {"lr": 0.01, **diverged}, "10": {"lr": 0.01, **fine}}}},
+    return mse
+
+
+def results_of(shots: dict, models=("maml",), num_tasks=10) -> dict:
+    return {
+        "eval": {"num_tasks": num_tasks, "tune_lrs": [0.01, 0.1], "tune_tasks": 20},
+        "models": {
+            kind: {"iterations": 1, "shots": {k: {"lr": 0.01, **r} for k, r in shots.items()}} for kind in models
+        },
     }
-    table = sinusoid.format_table(results)
+
+
+def test_diverged_tasks_are_left_out_of_the_mean_and_counted():
+    s = sinusoid.summarise(diverging_mse())
+    assert s["diverged"] == [0] * 5 + [1] * 6 and s["diverged_tasks"] == 2
+    assert s["mse"][1] == pytest.approx((9 * 0.5 + 1.5) / 10)
+    assert s["mse"][5] == pytest.approx((8 * 0.5 + 1.5) / 9)  # task 1's 200 left out at step 5 only
+    assert s["mse"][10] == pytest.approx((8 * 0.5 + 1.5) / 9)
+    assert all(math.isfinite(v) for v in s["mse"] + s["ci95"])
+    assert s["median"][10] == 0.5
+
+
+def test_table_shows_the_mean_of_the_others_and_the_diverged_count_never_inf():
+    fine = sinusoid.summarise(torch.full((10, 11), 0.25))
+    table = sinusoid.format_table(results_of({"5": sinusoid.summarise(diverging_mse()), "10": fine}))
     rows = [line for line in table.splitlines() if line.startswith("| MAML")]
-    assert rows[0].startswith("| MAML | 5 † |") and "inf" in rows[0]
-    assert rows[1].startswith("| MAML | 10 |")
-    (note,) = [line for line in table.splitlines() if line.startswith("- †")]
-    assert "K = 5: 2 of 10 tasks diverged" in note and "0.625" in note
+    cells = [c.strip() for c in rows[0].split("|")[4:-1]]  # after 0, 1, 5 and 10 steps
+    assert cells[0] == "0.600 ± 0.196" and "diverged" not in cells[1]
+    assert cells[2].endswith("(1 diverged)") and cells[3] == "0.611 ± 0.218 (1 diverged)"
+    assert "inf" not in table and "nan" not in table and "†" not in table
+    assert "diverged" not in rows[1] and "has diverged: the mean leaves it out" in table
+
+
+def test_a_step_where_every_task_diverged_has_no_mean_and_eval_json_stays_strict(tmp_path):
+    from mamlkit.training.runs import write_eval
+
+    mse = torch.full((4, 3), 0.5)
+    mse[:, 2] = float("nan")
+    mse[:3, 1] = float("inf")
+    s = sinusoid.summarise(mse)
+    results = results_of({"5": s}, num_tasks=4)
+    table = sinusoid.format_table(results, steps_shown=(0, 1, 2))
+    assert "| 0.500 ± 0.000 | 0.500 (3 diverged) | – (4 diverged) |" in table and "nan" not in table
+    write_eval(tmp_path, results, table)
+    saved = json.loads((tmp_path / "eval.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    shot = saved["models"]["maml"]["shots"]["5"]
+    assert shot["mse"][2] is None and shot["median"][1:] == [None, None] and shot["diverged"] == [0, 3, 4]
+
+
+def test_the_oracle_sentence_only_when_an_oracle_ran():
+    shots = {"5": sinusoid.summarise(torch.full((10, 11), 0.25))}
+    assert "oracle" not in sinusoid.format_table(results_of(shots, ("maml", "pretrained"))).lower()
+    with_oracle = sinusoid.format_table(results_of(shots, ("maml", "pretrained", "oracle")))
+    assert "the oracle takes no steps" in with_oracle and "pretrained baseline's step size" in with_oracle
+
+
+def test_mse_plot_stays_at_the_unadapted_scale_and_names_the_diverged_tasks():
+    mse = diverging_mse()
+    mse[3:, 4:] = 50.0  # a curve that climbs far above the unadapted error (finite, not diverged)
+    results = results_of({"5": sinusoid.summarise(diverging_mse()), "10": sinusoid.summarise(mse)})
+    fig = sinusoid.mse_figure(results)
+    for ax in fig.axes:
+        assert ax.get_ylim() == pytest.approx((0, 1.15 * 0.6))
+        (label,) = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert label == "MAML (2 of 10 tasks diverged)"
+    markers = [ln for ln in fig.axes[1].get_lines() if ln.get_marker() == "^"]  # the points above the axis
+    assert len(markers) == 1 and list(markers[0].get_xdata()) == list(range(4, 11))
 
 
 def test_resume_continues_exactly(tmp_path):

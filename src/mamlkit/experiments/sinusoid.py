@@ -16,7 +16,7 @@ from ..tasks import SinusoidTasks
 from ..training import AdamUpdate, checkpoint_file, mean_ci
 from ..training import checkpoint as ckpt
 from ..training.runs import read_eval, write_eval
-from . import build_maml, load_run, step_cells, steps_label, train_models, trained_models
+from . import build_maml, load_run, steps_label, train_models, trained_models
 from .configs import SinusoidConfig
 
 KINDS = ("maml", "pretrained", "oracle")
@@ -139,17 +139,21 @@ def evaluate(
 
 
 def summarise(mse: torch.Tensor) -> dict:
-    """Per-step statistics of a (tasks, steps + 1) MSE matrix: mean ± 95% CI and median, and
-    the tasks whose repeated steps blew up, counted, with the mean of the others (a few such
-    tasks dominate the mean: reported, never hidden)."""
-    mean, ci = mean_ci(mse)
-    diverged = (~torch.isfinite(mse) | (mse > DIVERGED)).any(dim=1)
+    """Per-step statistics of a (tasks, steps + 1) MSE matrix.
+
+    A task whose repeated steps blew up (MSE not finite or above ``DIVERGED``) would make the mean
+    meaningless, even ``inf ± nan``: at each step, the mean ± 95% CI is over the other tasks and
+    ``diverged`` counts the excluded ones (shown beside the mean, never hidden). The median is over
+    all tasks, diverged ones included as the worst.
+    """
+    bad = ~torch.isfinite(mse) | (mse > DIVERGED)
+    means, cis = zip(*(mean_ci(mse[~bad[:, s], s]) for s in range(mse.shape[1])))
     return {
-        "mse": mean.tolist(),
-        "ci95": ci.tolist(),
-        "median": mse.median(0).values.tolist(),
-        "diverged_tasks": int(diverged.sum()),
-        "mse_without_diverged": mse[~diverged].mean(0).tolist(),
+        "mse": [m.item() for m in means],
+        "ci95": [c.item() for c in cis],
+        "median": mse.nan_to_num(nan=math.inf, posinf=math.inf).median(0).values.tolist(),
+        "diverged": bad.sum(0).tolist(),
+        "diverged_tasks": int(bad.any(1).sum()),  # at some step
     }
 
 
@@ -166,39 +170,49 @@ def _tune_lr(learner: MAML, cfg: SinusoidConfig, kind: str, k: int) -> tuple[flo
 
 
 def format_table(results: dict, steps_shown=(0, 1, 5, 10)) -> str:
-    """A Markdown table: MSE ± 95% CI per model and K after selected numbers of steps."""
+    """A Markdown table: MSE ± 95% CI per model and K after selected numbers of steps, with the
+    number of diverged tasks that each mean leaves out."""
     lines = []
     for kind, res in results["models"].items():
         for k, r in res["shots"].items():
-            cells = step_cells(r["mse"], r["ci95"], steps_shown, 3)
+            cells = [_cell(r, s) for s in steps_shown]
             lr = "–" if kind == "oracle" else r["lr"] if isinstance(r["lr"], str) else f"{r['lr']:g}"
-            # A few diverged tasks can make a mean meaningless (even "inf ± nan"): mark the row so
-            # the reader finds the note with the mean of the others and the median.
-            mark = " †" if r.get("diverged_tasks") else ""
-            lines.append(f"| {LABELS[kind]} | {k}{mark} | {lr} | " + " | ".join(cells) + " |")
-    notes = [
-        f"- † {LABELS[kind]}, K = {k}: {r['diverged_tasks']} of {results['eval']['num_tasks']} tasks diverged at some "
-        f"step (MSE > {DIVERGED:g} or not finite); after 1/5/10 steps, mean MSE of the others: "
-        + " / ".join(f"{r['mse_without_diverged'][min(s, len(r['mse']) - 1)]:.3f}" for s in (1, 5, 10))
-        + ", median MSE of all: "
-        + " / ".join(f"{r['median'][min(s, len(r['median']) - 1)]:.3f}" for s in (1, 5, 10))
-        for kind, res in results["models"].items()
-        for k, r in res["shots"].items()
-        if r.get("diverged_tasks")
-    ]
-    e = results["eval"]
-    tuned = (
-        f"; the pretrained baseline's step size is chosen for each K among {e['tune_lrs']} on "
-        f"{e['tune_tasks']} held-out tasks (lowest mean MSE over the steps)"
-        if "pretrained" in results["models"]
-        else ""
-    )
+            lines.append(f"| {LABELS[kind]} | {k} | {lr} | " + " | ".join(cells) + " |")
+    e, models = results["eval"], results["models"]
+    notes = []
+    if "oracle" in models:
+        notes.append("the oracle takes no steps")
+    if "pretrained" in models:
+        notes.append(
+            f"the pretrained baseline's step size is chosen for each K among {e['tune_lrs']} on "
+            f"{e['tune_tasks']} held-out tasks (lowest mean MSE over the steps)"
+        )
+    if any(any(r.get("diverged", [])) for m in models.values() for r in m["shots"].values()):
+        notes.append(
+            f"a task whose MSE after some steps is above {DIVERGED:g} or not finite has diverged: the mean "
+            "leaves it out and the cell counts it (eval.json also has the median of all tasks)"
+        )
     head = (
-        f"MSE on {e['num_tasks']} test tasks (mean ± 95% CI); the oracle takes no steps{tuned}.\n\n"
+        f"MSE on {e['num_tasks']} test tasks (mean ± 95% CI)" + "".join(f"; {n}" for n in notes) + ".\n\n"
         "| model | K | step size | " + " | ".join(map(steps_label, steps_shown)) + " |\n"
         "|---|---|---|" + "---|" * len(steps_shown) + "\n"
     )
-    return head + "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+    return head + "\n".join(lines) + "\n"
+
+
+def _cell(r: dict, steps: int) -> str:
+    """``mean ± CI`` after ``steps`` steps and the diverged tasks the mean leaves out; "–" for a step
+    count not run or a mean with no task left, no "± nan" where a single task leaves the CI undefined."""
+    if steps >= len(r["mse"]):
+        return "–"
+    mean, ci = r["mse"][steps], r["ci95"][steps]
+    cell = f"{mean:.3f}" + (f" ± {ci:.3f}" if _finite(ci) else "") if _finite(mean) else "–"
+    diverged = r.get("diverged", [0] * len(r["mse"]))[steps]
+    return cell + (f" ({diverged} diverged)" if diverged else "")
+
+
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)  # eval.json stores an undefined number as null
 
 
 def plot(run_dir: str | Path, task_index: int = 0) -> list[Path]:
@@ -210,22 +224,9 @@ def plot(run_dir: str | Path, task_index: int = 0) -> list[Path]:
     run_dir = Path(run_dir)
     results = read_eval(run_dir)
     models = results["models"]
-    out = []
-
-    # Figure 3: MSE against gradient steps, one panel per K.
     shots = list(next(iter(models.values()))["shots"])
-    fig, axes = plt.subplots(1, len(shots), figsize=(4.5 * len(shots), 3.8), squeeze=False)
-    for ax, k in zip(axes[0], shots):
-        series = {LABELS[kind]: (m["shots"][k]["mse"], m["shots"][k]["ci95"]) for kind, m in models.items()}
-        plots.steps_curves(ax, series, "mean squared error")
-        # A task whose steps diverge can dominate the mean: keep the axis at the scale of the
-        # unadapted error so the other curves stay readable (eval.md counts such tasks).
-        unadapted = [m["shots"][k]["mse"][0] for m in models.values()]
-        unadapted = [v for v in unadapted if v is not None and math.isfinite(v)]
-        if unadapted:
-            ax.set_ylim(0, 1.15 * max(unadapted))
-        ax.set_title(f"K = {k}")
-    out.append(plots.save(fig, run_dir / "plots" / "mse_vs_steps.png"))
+    # Figure 3: MSE against gradient steps, one panel per K.
+    out = [plots.save(mse_figure(results), run_dir / "plots" / "mse_vs_steps.png")]
 
     # Figure 2: K-shot fits of one test task after 0, 1 and 10 steps.
     fitted = [k for k in ("maml", "pretrained") if k in models]
@@ -242,6 +243,43 @@ def plot(run_dir: str | Path, task_index: int = 0) -> list[Path]:
     curves = {LABELS[k]: run_dir / k for k in models if (run_dir / k / "metrics.csv").exists()}
     out.append(plots.training_curves(curves, run_dir / "plots" / "training_loss.png"))
     return out
+
+
+def mse_figure(results: dict):
+    """The paper's Figure 3 from ``eval.json``'s results: MSE against gradient steps, one panel per K."""
+    import matplotlib.pyplot as plt
+
+    from .. import plots
+
+    models = results["models"]
+    shots = list(next(iter(models.values()))["shots"])
+    fig, axes = plt.subplots(1, len(shots), figsize=(4.5 * len(shots), 3.8), squeeze=False)
+    for ax, k in zip(axes[0], shots):
+        series = {}
+        for kind, m in models.items():
+            r = m["shots"][k]
+            n = r.get("diverged_tasks", 0)
+            label = LABELS[kind] + (f" ({n} of {results['eval']['num_tasks']} tasks diverged)" if n else "")
+            series[label] = (r["mse"], r["ci95"])
+        plots.steps_curves(ax, series, "mean squared error", legend={"fontsize": 8})
+        _clip_to_unadapted(ax, series)
+        ax.set_title(f"K = {k}")
+    return fig
+
+
+def _clip_to_unadapted(ax, series: dict[str, tuple[list, list]]) -> None:
+    """Keep the y axis at the scale of the unadapted error, so that one curve that climbs (a large
+    step size) does not flatten the others; its points above the axis are drawn as ▲ on the top edge."""
+    unadapted = [mean[0] for mean, _ in series.values() if mean and _finite(mean[0])]
+    if not unadapted:
+        return
+    top = 1.15 * max(unadapted)
+    ax.set_ylim(0, top)
+    # steps_curves draws one labelled line per series, in order (no published references here)
+    for line, (mean, _) in zip([ln for ln in ax.get_lines() if not ln.get_label().startswith("_")], series.values()):
+        above = [i for i, v in enumerate(mean) if not _finite(v) or v > top]
+        if above and len(mean) > 1:
+            ax.plot(above, [top] * len(above), "^", color=line.get_color(), clip_on=False, ms=6)
 
 
 def _plot_fit(ax, learner: MAML, cfg: SinusoidConfig, kind: str, k: int, lr, task_index: int) -> None:
