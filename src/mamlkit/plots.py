@@ -15,17 +15,28 @@ from .training.files import write_file  # noqa: E402
 from .training.metrics import read_metrics  # noqa: E402
 
 
-def training_curves(run_dirs: dict[str, Path], path: Path, key: str = "loss", logy: bool = True) -> Path:
-    """``key`` against iteration, one line per labelled run directory holding ``metrics.csv``."""
+def training_curves(
+    run_dirs: dict[str, Path],
+    path: Path,
+    key: str = "loss",
+    logy: bool = True,
+    ylabel: str | None = None,
+    scale: float = 1.0,
+) -> Path:
+    """``key`` (times ``scale``: 100 for a fraction shown in percent) against iteration, one line
+    per labelled run directory holding ``metrics.csv``; ``ylabel`` names it (default: ``key``)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, d in run_dirs.items():
         rows = [r for r in read_metrics(Path(d) / "metrics.csv") if key in r]
         # Markers where a short run logged only a few rows: a single point is no line.
         ax.plot(
-            [r["iteration"] for r in rows], [r[key] for r in rows], marker="o" if len(rows) < 20 else None, label=label
+            [r["iteration"] for r in rows],
+            [scale * r[key] for r in rows],
+            marker="o" if len(rows) < 20 else None,
+            label=label,
         )
     ax.set_xlabel("meta-iteration")
-    ax.set_ylabel(key)
+    ax.set_ylabel(ylabel or key)
     if logy:
         ax.set_yscale("log")
     ax.legend()

@@ -230,12 +230,12 @@ def plot(run_dir: str | Path) -> list[Path]:
     from .. import plots
 
     run_dir = Path(run_dir)
-    out = [plots.training_curves({"meta-training loss": run_dir}, run_dir / "plots" / "training_loss.png")]
+    loss = "meta-training loss (query cross-entropy after the inner steps)"
+    out = [plots.training_curves({"meta-training": run_dir}, run_dir / "plots" / "training_loss.png", ylabel=loss)]
     rows = [r for r in plots.read_metrics(run_dir / "metrics.csv") if "val_acc" in r]
-    if rows:
-        out.append(
-            plots.training_curves({"validation": run_dir}, run_dir / "plots" / "val_acc.png", key="val_acc", logy=False)
-        )
+    if rows:  # val_acc is logged as a fraction; the tables give accuracy in percent
+        acc = {"key": "val_acc", "logy": False, "scale": 100, "ylabel": "validation accuracy (%)"}
+        out.append(plots.training_curves({"validation tasks": run_dir}, run_dir / "plots" / "val_acc.png", **acc))
     if (run_dir / "eval.json").exists():  # the learning curves need no evaluation; this figure does
         results = read_eval(run_dir)
         fig, ax = plt.subplots(figsize=(5.5, 4))

@@ -240,8 +240,14 @@ def plot(run_dir: str | Path, task_index: int = 0) -> list[Path]:
             ax.set_title(f"{LABELS[kind]}, K = {k}")
     out.append(plots.save(fig, run_dir / "plots" / "fits.png"))
 
-    curves = {LABELS[k]: run_dir / k for k in models if (run_dir / k / "metrics.csv").exists()}
-    out.append(plots.training_curves(curves, run_dir / "plots" / "training_loss.png"))
+    # The models' logged losses differ: say which each one is, on an axis named for what they share.
+    losses = {
+        "maml": "MAML: query MSE after the inner steps",
+        "pretrained": "pretrained: MSE, no inner step",
+        "oracle": "oracle: MSE, the task given as input",
+    }
+    curves = {losses[k]: run_dir / k for k in models if (run_dir / k / "metrics.csv").exists()}
+    out.append(plots.training_curves(curves, run_dir / "plots" / "training_loss.png", ylabel="training MSE"))
     return out
 
 
@@ -304,4 +310,6 @@ def _plot_fit(ax, learner: MAML, cfg: SinusoidConfig, kind: str, k: int, lr, tas
                 xs.view(-1), learner(grid_in, adapted).view(-1), style, label=f"{steps} grad step{'s' * (steps > 1)}"
             )
     ax.set_ylim(-6, 6)
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
     ax.legend(fontsize=7, loc="lower left")
