@@ -227,7 +227,7 @@ class MAML(nn.Module):
         """A second-order inner step that keeps only its inputs and rebuilds its graph in the
         backward pass (``checkpoint_inner``; :func:`recompute.recomputed_inner_step`)."""
         # The parameters fixed at construction, as the other strategies adapt, whatever requires_grad says now.
-        buffers = dict(self.model.named_buffers())
+        buffers = dict(self.model.named_buffers()) if self._mutated_buffers else {}
         replay = [buffers[n] for n in self._mutated_buffers]
         return recomputed_inner_step(
             self.fmodel, self.loss_fn, self.adapted_names, params, inputs, targets, lr, _key, replay
