@@ -557,6 +557,28 @@ def test_trpo_never_runs_vmap_through_fused_normalisation():
         MetaTRPO(maml, strategy="vmap").policy_outputs(data, maml.params(), create_graph=True)
 
 
+def test_trpo_under_vmap_refuses_what_the_engine_refuses():
+    """TRPO's vmap path runs the inner step inside a torch.func transform, where ``adapt`` cannot
+    record the policy's operations: it is checked before, as the meta-batch of supervised MAML is,
+    so second order through weight normalisation (a wrong double backward) is refused here too."""
+
+    class WeightNormed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = GaussianMLPPolicy(2, 2, (8,)).double()
+            self.inner.mean[0] = torch.nn.utils.parametrizations.weight_norm(self.inner.mean[0])
+
+        def forward(self, obs):
+            return self.inner(obs)
+
+    _, _, data = tiny_problem()
+    maml = MAML(WeightNormed(), reinforce_loss, inner_lr=0.1)
+    with pytest.raises(ValueError, match="weight_norm"):
+        MetaTRPO(maml, strategy="vmap").policy_outputs(data, maml.params(), create_graph=True)
+    first = MAML(WeightNormed(), reinforce_loss, inner_lr=0.1, first_order=True)
+    MetaTRPO(first, strategy="vmap").policy_outputs(data, first.params(), create_graph=False)
+
+
 def test_return_plot_draws_the_papers_values_where_given():
     import matplotlib
 

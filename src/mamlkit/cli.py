@@ -94,6 +94,8 @@ def cmd_train(args) -> int:
         _note_other_config(args.config, cfg, args.set, out)
         # Nothing is written until the resume is known to continue the same experiment.
         changes = runs.check_resume(config_lib.to_dict(experiments.build_config(raw)), config_lib.to_dict(cfg))
+        if distributed.is_main():
+            runs.check_before_resume(out, cfg.train.log_every)
     else:
         cfg = experiments.build_config(config_lib.apply_overrides(config_lib.load_raw(args.config), args.set))
         if saved.is_file() and runs.abandon_if_untrained(out):  # stopped before its first checkpoint

@@ -142,6 +142,7 @@ class MetaTRPO:
         self._second_order = maml.inner_steps > 0 and not maml.first_order
         self.strategy = task_strategy(maml.model, strategy, second_order=self._second_order)
         self._requested, self._ops_checked = strategy, not (self._second_order and self.strategy == "vmap")
+        self._engine_checked = False
 
     def policy_outputs(self, data: TaskData, params: Params, create_graph: bool) -> tuple[Tensor, Tensor]:
         """The post-update policy ``(mean, log_std)`` of every task on its post-update observations
@@ -159,6 +160,11 @@ class MetaTRPO:
                 self.strategy = "loop"
 
         if self.strategy == "vmap":  # one shape for all tasks: padded episodes
+            if not self._engine_checked:  # what adapt checks on its first call, which vmap's transform hides
+                self._engine_checked = True
+                first = torch.utils._pytree.tree_map(lambda t: t[0], (data.pre_obs, data.pre_targets))
+                ops = self.maml._model_ops(params, *first)
+                self.maml._check_ops(ops, self._second_order)
 
             def one_task(pre_obs, pre_targets, obs):
                 adapted = self.maml.adapt(pre_obs, pre_targets, params=params, create_graph=create_graph)

@@ -44,7 +44,15 @@ def _write_tmp(path: Path, content: Content) -> Path:
     try:
         with open(tmp, "wb") as f:
             if callable(content):
-                content(f)
+                recording = _Recording(f)
+                try:
+                    content(recording)
+                except Exception as e:
+                    # A writer in C++ (torch.save's zip writer) reports a failed write as its own
+                    # error ("unexpected pos ..."); the failed write's OSError is the cause to report.
+                    if recording.error is not None and not isinstance(e, OSError):
+                        raise recording.error from e
+                    raise
             else:
                 f.write(content.encode() if isinstance(content, str) else content)
             f.flush()
@@ -53,6 +61,23 @@ def _write_tmp(path: Path, content: Content) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+class _Recording:
+    """A binary file that remembers the OSError of a failed write."""
+
+    def __init__(self, f: BinaryIO):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
 
 
 def _sync_dir(directory: Path) -> None:

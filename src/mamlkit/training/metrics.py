@@ -9,6 +9,7 @@ damage before the tail, or a log that ends well before the checkpoint (rows lost
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -38,17 +39,8 @@ class MetricLog:
         self.rows: list[dict] = []
         self.header: list[str] = []
         if resume_from and self.path.exists():
-            header, rows, torn = _parse(self.path)
+            header, rows, torn = check_log(self.path, resume_from, log_every)
             self.rows = [r for r in rows if r["iteration"] <= resume_from]
-            last = self.rows[-1]["iteration"] if self.rows else 0
-            if last < resume_from - (log_every or 1) + 1 and last != resume_from:
-                what = f"is damaged at its end ({torn}), and before that it" if torn else ""
-                raise DamagedLog(
-                    f"{self.path} {what or ''}ends at iteration {last:g} but the checkpoint is of iteration "
-                    f"{resume_from}: the rows in between were lost (the file was cut short or replaced). Restore "
-                    "it from a copy, or move it aside (the run's checkpoints are intact) to resume with a log that "
-                    f"starts at iteration {resume_from}"
-                )
             if torn:
                 print(
                     f"note: {self.path}: {torn} damaged at its end (cut by a kill mid-write?) and was cut back; "
@@ -81,8 +73,20 @@ class MetricLog:
         else:  # columns by the file's header, whatever the order of the row's keys
             append_text(self.path, _csv([row], self.header, with_header=False))
         if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, iteration)
+            try:
+                for k, v in values.items():
+                    self.writer.add_scalar(k, v, iteration)
+            except Exception as e:  # TensorBoard is a view of the log: losing it must not stop training
+                self._drop_tensorboard(e)
+
+    def _drop_tensorboard(self, e: Exception) -> None:
+        print(
+            f"note: TensorBoard logging into {self.path.parent / 'tb'} stopped ({type(e).__name__}: {e}); "
+            f"training and {self.path.name} go on"
+        )
+        writer, self.writer = self.writer, None
+        with contextlib.suppress(Exception):
+            writer.close()
 
     def _rewrite(self) -> None:
         header = _fields(self.rows) if self.rows else self.header
@@ -91,7 +95,27 @@ class MetricLog:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except Exception as e:
+                self._drop_tensorboard(e)
+
+
+def check_log(path: Path, resume_from: int, log_every: int | None = None) -> tuple[list[str], list[dict], str]:
+    """``metrics.csv`` checked for a resume from iteration ``resume_from``: ``(header, rows, torn)``
+    as :func:`_parse` gives them; ``DamagedLog`` if it is damaged before its tail, or if it ends
+    before the checkpoint by more than ``log_every`` (rows were lost)."""
+    header, rows, torn = _parse(path)
+    kept = [r["iteration"] for r in rows if r["iteration"] <= resume_from]
+    last = kept[-1] if kept else 0
+    if last < resume_from - (log_every or 1) + 1 and last != resume_from:
+        what = f"is damaged at its end ({torn}), and before that it " if torn else ""
+        raise DamagedLog(
+            f"{path} {what}ends at iteration {last:g} but the checkpoint is of iteration {resume_from}: the rows "
+            "in between were lost (the file was cut short or replaced). Restore it from a copy, or move it aside "
+            f"(the run's checkpoints are intact) to resume with a log that starts at iteration {resume_from}"
+        )
+    return header, rows, torn
 
 
 def _fields(rows: list[dict]) -> list[str]:

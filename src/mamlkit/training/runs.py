@@ -156,6 +156,17 @@ def with_current_settings(trained: dict, current: dict) -> dict:
     return out
 
 
+# Settings a checkpoint's config may differ in from the run's: which models the run trains is the
+# run's, not one model's (runs made before `--only` trained their models in separate starts, each
+# with its own list).
+NOT_A_MODELS_SETTING = ("models",)
+
+
+def _recorded(key: str) -> bool:
+    """Whether ``key`` must agree between a run's config.yaml and its checkpoints' configs."""
+    return not resumable(key) and key not in NOT_A_MODELS_SETTING
+
+
 def _flat(d: dict, prefix: str = "") -> dict[str, object]:
     out = {}
     for k, v in d.items():
@@ -208,7 +219,7 @@ def reconcile(config_path: Path, current: dict | None, stored: dict, source: Pat
             differ = {
                 k: (here[k], theirs[k])
                 for k in given
-                if k in here and k in theirs and not resumable(k) and here[k] != theirs[k]
+                if k in here and k in theirs and _recorded(k) and here[k] != theirs[k]
             }
             if differ:
                 listed = "; ".join(
@@ -222,7 +233,7 @@ def reconcile(config_path: Path, current: dict | None, stored: dict, source: Pat
                 )
             lacking = sorted({k.split(".")[0] for k in _flat(stored) if k in theirs and k not in given})
             if not lacking:
-                return with_current_settings(stored, current)
+                return _run_settings(stored, current)
             what = f"lacks settings ({', '.join(lacking)}; cut short?)"
         else:
             what = "is not a valid config"
@@ -233,7 +244,38 @@ def reconcile(config_path: Path, current: dict | None, stored: dict, source: Pat
             f"note: {config_path} {what}; the run's settings are taken from the config stored in {source}, "
             "and a resume writes config.yaml whole again"
         )
-    return with_current_settings(stored, current) if current is not None and what.startswith("lacks") else stored
+    return _run_settings(stored, current) if current is not None and what.startswith("lacks") else stored
+
+
+def _run_settings(stored: dict, current: dict) -> dict:
+    """A checkpoint's config with what config.yaml says of the run: the settings a resume may
+    change, and which models the run trains."""
+    out = with_current_settings(stored, current)
+    for key in NOT_A_MODELS_SETTING:
+        if key in current:
+            out[key] = copy.deepcopy(current[key])
+    return out
+
+
+def check_before_resume(run_dir: str | Path, log_every: int) -> None:
+    """What a resume reads of each model, checked before it writes anything: the checkpoint's
+    schema and the metric log against it (``metrics.check_log``)."""
+    from . import checkpoint as ckpt
+    from .metrics import check_log
+
+    run_dir = Path(run_dir)
+    for path in [run_dir / "checkpoint.pt", *sorted(run_dir.glob("*/checkpoint.pt"))]:
+        if not path.is_file():
+            continue
+        try:
+            iteration = ckpt.load(path, training=True)["iteration"]
+        except ckpt.CorruptCheckpoint as e:
+            raise ckpt.CorruptCheckpoint(
+                f"{e}. --resume cannot continue from it; deleting it would restart {path.parent.name} from "
+                "iteration 0. Restore the file from a copy, or train a new run with --out"
+            ) from None
+        if iteration and (path.parent / "metrics.csv").exists():
+            check_log(path.parent / "metrics.csv", iteration, log_every)
 
 
 def run_config(run_dir: str | Path, build) -> dict:
@@ -244,7 +286,8 @@ def run_config(run_dir: str | Path, build) -> dict:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory made by `mamlkit train`?")
-    finish_pending(run_dir)  # an evaluation's files that a kill left half replaced
+    # What killed writers left: an evaluation's pair half renamed, temporary files.
+    remove_dead_temporaries([run_dir])
     stored = checkpoint_configs(run_dir)
     unread = ""
     try:
@@ -266,7 +309,7 @@ def run_config(run_dir: str | Path, build) -> dict:
 
     for other in sources[1:]:
         differ = {
-            k: v for k, v in changed_settings(settings(first), settings(stored[other])).items() if not resumable(k)
+            k: v for k, v in changed_settings(settings(first), settings(stored[other])).items() if _recorded(k)
         }
         if differ:
             listed = "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in differ.items())
@@ -330,8 +373,7 @@ def start_run(
                     f"note: {others} trains other models of {run_dir}; its config.yaml now has this start's "
                     f"{', '.join(changes)}, which later resumes of every model read"
                 )
-        dirs = [run_dir] if models is None else [run_dir / kind for kind in models]
-        remove_dead_temporaries(dirs)
+        remove_dead_temporaries([run_dir])  # only those of dead writers: other processes' models are safe
         # A fresh start creates config.yaml only if no other start just did; a resume replaces it
         # whole, as another process may be reading it.
         try:
@@ -361,7 +403,7 @@ def remove_dead_temporaries(dirs: list[Path]) -> None:
     for d in dirs:
         finish_pending(d)
     for tmp in (p for d in dirs for p in Path(d).rglob(".*.tmp")):
-        m = re.fullmatch(r"\..+\.(\d+)(\.\d+)?\.tmp", tmp.name)
+        m = re.fullmatch(r"\..+\.(\d{1,9})\.\d+\.tmp", tmp.name)
         if m and m[1] != str(os.getpid()) and _alive(int(m[1])):
             continue
         tmp.unlink(missing_ok=True)
