@@ -53,7 +53,7 @@ def test_a_config_cut_short_is_recovered_from_the_checkpoint(run, capsys):
     (run / "config.yaml").write_text(text[: text.index("model:")])  # sections from `model:` on are lost
     assert train(run, "--resume", "--set", "train.iterations=6") == 0
     out = capsys.readouterr().out
-    assert "config.yaml lacks settings (maml, model, task, train; cut short?)" in out and "checkpoint.pt" in out
+    assert "config.yaml lacks settings (eval, maml, model, task, train; cut short?)" in out and "checkpoint.pt" in out
     assert (run / "config.yaml").read_text() == text.replace("iterations: 4", "iterations: 6")
     state = torch.load(run / "maml/checkpoint.pt", weights_only=False)
     assert state["iteration"] == 6 and state["learner"]["model.0.weight"].shape == (20, 1)  # the run's model
@@ -63,8 +63,8 @@ def test_a_config_that_differs_from_the_checkpoints_is_refused(run, capsys):
     text = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(text.replace("inner_lr: 0.01", "inner_lr: 0.05"))
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    for code in (train(run, "--resume", "--set", "train.iterations=6"), evaluate(run)):
-        assert code == 2
+    for command in (lambda: train(run, "--resume", "--set", "train.iterations=6"), lambda: evaluate(run)):
+        assert command() == 2
         err = capsys.readouterr().err
         assert "does not match the config that" in err and "maml.inner_lr: 0.05 in config.yaml, 0.01" in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
@@ -103,7 +103,7 @@ def test_a_damaged_checkpoint_is_a_sentence_naming_it(run, capsys, damage, messa
     resumed = train(run, "--resume", "--set", "train.iterations=6")
     err = capsys.readouterr().err
     assert resumed == 2 and message in err and str(path) in err, err
-    if "rng" not in message and "optimiser" not in message:  # what evaluation reads is damaged too
+    if not any(m in message for m in ("rng", "random-number", "optimiser")):  # what evaluation reads is damaged
         assert evaluate(run) == 2
         err = capsys.readouterr().err
         assert message in err and str(path) in err, err
@@ -195,7 +195,7 @@ def _damage(path: Path, how: str, at: float, junk: bytes) -> None:
     )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     file=st.sampled_from([*FILES, None]),
     how=st.sampled_from(["truncate", "flip", "garbage", "append", "empty", "delete"]),
@@ -222,7 +222,7 @@ def test_any_damage_or_setting_ends_in_a_clean_exit_and_keeps_the_rest(
     if command == "resume":
         code = train(case, "--resume", "--set", "train.iterations=5", *overrides)
     elif command == "eval":
-        code = cli.main(["eval", str(case), *EVAL, *[f"--set=eval.{o.split('.', 1)[1]}" for o in overrides[1::2]]])
+        code = cli.main(["eval", str(case), *EVAL, *[f"--set=eval.{o.split('.', 1)[-1]}" for o in overrides[1::2]]])
     else:
         code = cli.main(["plot", str(case)])
     assert code in (0, 2)

@@ -460,13 +460,17 @@ def read_eval(run_dir: str | Path) -> dict:
 def stale_models(run_dir: str | Path, results: dict) -> dict[str, tuple[int, int]]:
     """``{model: (iteration evaluated, iteration of its checkpoint now)}`` for the models of an
     evaluation whose checkpoints have trained on since (a resume after ``mamlkit eval``)."""
+    from . import checkpoint as ckpt
     from .loop import CHECKPOINT
 
     stale = {}
     for kind, m in results.get("models", {}).items():
         path = Path(run_dir) / kind / CHECKPOINT
         if isinstance(m, dict) and isinstance(m.get("iterations"), int) and path.exists():
-            now = torch.load(path, map_location="cpu", weights_only=False).get("iteration")
+            try:
+                now = ckpt.load(path).get("iteration")
+            except ckpt.CorruptCheckpoint:  # the plot reads eval.json; resume or eval names the damage
+                continue
             if isinstance(now, int) and now != m["iterations"]:
                 stale[kind] = (m["iterations"], now)
     return stale
