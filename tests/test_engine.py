@@ -360,6 +360,33 @@ def test_auto_strategy_is_measured_and_changes_nothing():
         torch.testing.assert_close(g, w)  # and the timing runs left no gradient behind
 
 
+def test_auto_times_a_few_tasks_once_per_model_and_shapes(monkeypatch):
+    """The measurement runs each candidate twice (a warm-up, one timed run) on at most
+    ``PROBE_TASKS`` tasks of the first meta-batch, and a second learner with the same model and
+    shapes reuses it (a run's models, a resume in the same process)."""
+    from mamlkit.engine import maml as maml_module
+
+    monkeypatch.setattr(maml_module, "_MEASURED", {})
+    seen = []
+    real = MAML._meta_forward_impl
+
+    def counted(self, params, lr, si, *rest):
+        seen.append((self.strategy, si.shape[0]))
+        return real(self, params, lr, si, *rest)
+
+    monkeypatch.setattr(MAML, "_meta_forward_impl", counted)
+    batch = make_batch(tasks=12)
+    first = MAML(mlp(2, [8], 1), inner_lr=0.1, strategy="auto")
+    first.meta_loss(batch)
+    timing = seen[:-1]  # the last call is the meta-loss itself, on the whole batch
+    assert sorted(timing) == sorted([("vmap", maml_module.PROBE_TASKS)] * 2 + [("loop", maml_module.PROBE_TASKS)] * 2)
+    assert seen[-1][1] == 12
+    seen.clear()
+    second = MAML(mlp(2, [8], 1), inner_lr=0.1, strategy="auto")
+    second.meta_loss(batch)
+    assert seen == [(second.strategy, 12)] and second.strategy_timings == first.strategy_timings
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import signal
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from . import config as config_lib
 from . import distributed, experiments
@@ -248,8 +250,24 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+class _LogLine(logging.Handler):
+    """The library's INFO messages (the strategy ``auto`` chose and why) as lines above the
+    progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(f"mamlkit: {record.getMessage()}", file=sys.stderr)
+
+
+def _show_library_messages() -> None:
+    log = logging.getLogger("mamlkit")
+    if not any(isinstance(h, _LogLine) for h in log.handlers) and int(os.environ.get("RANK", "0")) == 0:
+        log.addHandler(_LogLine())
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    _show_library_messages()
     # SIGTERM and SIGHUP stop a command as Ctrl-C does, at any moment: before training starts (a
     # start then removes what it wrote), during evaluation; training turns them into a clean stop.
     previous = {}

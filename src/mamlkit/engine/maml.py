@@ -324,10 +324,27 @@ class MAML(nn.Module):
         params = self.params()
         leaves = [p for p in params.values() if p.requires_grad]
         device = next(iter(params.values())).device
+        # Timed on a few tasks of the batch, once each after a warm-up: the ranking is what matters,
+        # and timing whole batches several times took minutes for large convolutional models on a CPU.
+        n = task_count(batch)
+        probe = TaskBatch(*torch.utils._pytree.tree_map(lambda t: t[: min(n, PROBE_TASKS)], tuple(batch)))
+        key = _measurement_key(self, probe)
+        if key in _MEASURED:
+            self.strategy_timings = dict(_MEASURED[key])
+            finite = {k: v for k, v in self.strategy_timings.items() if v < float("inf")}
+            self.strategy = min(finite, key=finite.get) if finite else "loop"
+            self._log_choice(why + ("; " if why else "") + "measured before for this model and these shapes")
+            return
+        _log.info(
+            "strategy='auto': timing %s on %d task(s) of the first meta-batch of %s",
+            " and ".join(self._candidates),
+            task_count(probe),
+            type(self.model).__name__,
+        )
 
         def run(strategy: str) -> None:
             self.strategy = strategy
-            losses, _ = self._meta_forward_impl(params, lr, *batch)
+            losses, _ = self._meta_forward_impl(params, lr, *probe)
             if leaves:  # every parameter may have been frozen since construction
                 torch.autograd.grad(losses.mean(), leaves, allow_unused=True)  # no .grad side effects
 
@@ -338,7 +355,8 @@ class MAML(nn.Module):
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
             self._buffers_kept(),
         ):
-            self.strategy_timings = fastest(run, self._candidates, sync, errors=errors)
+            self.strategy_timings = fastest(run, self._candidates, sync, repeats=1, errors=errors)
+        _MEASURED[key] = dict(self.strategy_timings)
         finite = {k: v for k, v in self.strategy_timings.items() if v < float("inf")}
         # Where every candidate failed, the loop's own error is the clearest the next call can give.
         self.strategy = min(finite, key=finite.get) if finite else "loop"
@@ -543,6 +561,28 @@ class MAML(nn.Module):
                 torch.cuda.set_rng_state(state, d)
             self._vmap_failed_without_graph = True
             return map_tasks(fn, in_dims, *args, strategy="loop")
+
+
+PROBE_TASKS = 4  # tasks of the first meta-batch on which auto times the strategies
+_MEASURED: dict[tuple, dict[str, float]] = {}  # strategy timings by model and shapes, for this process
+
+
+def _measurement_key(maml: MAML, probe: TaskBatch) -> tuple:
+    """What the strategy timings depend on: the model's structure, the options that change the
+    computation, the device and dtypes, and the probe's shapes."""
+    params = maml.params()
+    return (
+        repr(maml.model),
+        getattr(maml.loss_fn, "__name__", repr(maml.loss_fn)),
+        tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in params.items()),
+        tuple((tuple(t.shape), t.dtype) for t in torch.utils._pytree.tree_leaves(tuple(probe))),
+        tuple(maml.adapted_names),
+        maml.inner_steps,
+        maml.first_order,
+        maml.learn_inner_lr,
+        maml.autocast,
+        tuple(maml._candidates),
+    )
 
 
 def _accumulate(tensors: dict[str, Tensor], grads: dict[str, Tensor]) -> None:

@@ -338,7 +338,6 @@ class Trainer:
             dynamic_ncols=True,
         )
         window = _Window()
-        start = self.iteration
         if main and getattr(self.learner, "compiles", False):  # else minutes pass without a sign
             bar.write(
                 f"{self.name}: compiling the meta-batch computation (torch.compile); the first iterations are slow"
@@ -354,9 +353,6 @@ class Trainer:
                         window.add({"skipped": 1.0})
                     self.iteration += 1
                     it, final = self.iteration, self.iteration == self.iterations
-                    if it == start + 1 and main and getattr(self.learner, "strategy_timings", None):
-                        ms = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.learner.strategy_timings.items())
-                        bar.write(f"{self.name}: strategy {self.learner.strategy} (measured: {ms})")
                     if it % self.log_every == 0 or final:
                         count, row = window.count, window.flush()
                         if main and self.validate and self.validate_every and (it % self.validate_every == 0 or final):
