@@ -217,7 +217,20 @@ class MAML(nn.Module):
         def support_loss(sub: Params) -> Tensor:
             return self.loss_fn(self.fmodel({**params, **sub}, inputs), targets)
 
-        grads = torch.func.grad(support_loss)(adapted)
+        if (
+            torch.is_grad_enabled()
+            and torch._C._functorch.peek_interpreter_stack() is None
+            and all(p.requires_grad for p in adapted.values())
+        ):
+            # Outside torch.func transforms (the loop strategy, adapt): autograd's grad is the same
+            # derivative with less bookkeeping per call than the torch.func.grad transform.
+            names = list(adapted)
+            grads = torch.autograd.grad(
+                support_loss(adapted), [adapted[n] for n in names], create_graph=create_graph, materialize_grads=True
+            )
+            grads = dict(zip(names, grads))
+        else:
+            grads = torch.func.grad(support_loss)(adapted)
         if not create_graph:
             grads = {n: g.detach() for n, g in grads.items()}
         step = _step_size(lr)
@@ -330,10 +343,11 @@ class MAML(nn.Module):
         probe = TaskBatch(*torch.utils._pytree.tree_map(lambda t: t[: min(n, PROBE_TASKS)], tuple(batch)))
         key = _measurement_key(self, probe)
         if key in _MEASURED:
-            self.strategy_timings = dict(_MEASURED[key])
+            timings, errors = _MEASURED[key]
+            self.strategy_timings = dict(timings)
             finite = {k: v for k, v in self.strategy_timings.items() if v < float("inf")}
             self.strategy = min(finite, key=finite.get) if finite else "loop"
-            self._log_choice(why + ("; " if why else "") + "measured before for this model and these shapes")
+            self._log_choice(why, errors, "measured before in this process for this model and these shapes")
             return
         _log.info(
             "strategy='auto': timing %s on %d task(s) of the first meta-batch of %s",
@@ -356,7 +370,7 @@ class MAML(nn.Module):
             self._buffers_kept(),
         ):
             self.strategy_timings = fastest(run, self._candidates, sync, repeats=1, errors=errors)
-        _MEASURED[key] = dict(self.strategy_timings)
+        _MEASURED[key] = (dict(self.strategy_timings), dict(errors))
         finite = {k: v for k, v in self.strategy_timings.items() if v < float("inf")}
         # Where every candidate failed, the loop's own error is the clearest the next call can give.
         self.strategy = min(finite, key=finite.get) if finite else "loop"
@@ -399,7 +413,7 @@ class MAML(nn.Module):
     def _module_label(self, path: str) -> str:
         return module_label(self.model, path)
 
-    def _log_choice(self, why: str, errors: dict[str, str] | None = None) -> None:
+    def _log_choice(self, why: str, errors: dict[str, str] | None = None, note: str = "") -> None:
         """Say once, on the ``mamlkit`` logger, which strategy ``auto`` chose and why."""
         if self._requested != "auto":
             return
@@ -421,6 +435,8 @@ class MAML(nn.Module):
             parts = [f"the fastest meta-gradient on the first meta-batch ({timed})"] if timed else []
             parts += [f"{k} failed ({e})" for k, e in (errors or {}).items()]
             reason = "; ".join(parts)
+        if note:
+            reason = f"{reason} ({note})"
         _log.info("strategy='auto' chose %s for %s: %s", self.strategy, type(self.model).__name__, reason)
 
     def _model_ops(self, params: Params, inputs, targets) -> ModelOps:
@@ -564,7 +580,8 @@ class MAML(nn.Module):
 
 
 PROBE_TASKS = 4  # tasks of the first meta-batch on which auto times the strategies
-_MEASURED: dict[tuple, dict[str, float]] = {}  # strategy timings by model and shapes, for this process
+# Strategy timings (and the candidates' errors) by model and shapes, for this process.
+_MEASURED: dict[tuple, tuple[dict[str, float], dict[str, str]]] = {}
 
 
 def _measurement_key(maml: MAML, probe: TaskBatch) -> tuple:

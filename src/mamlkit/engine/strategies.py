@@ -298,7 +298,10 @@ def map_tasks(fn: Callable, in_dims: tuple, *args, strategy: str = "vmap"):
     n = _num_tasks(args, in_dims)
     outs = []
     for i in range(n):
-        task_args = [tree_map(lambda t, i=i: t[i], a) if d == 0 else a for a, d in zip(args, in_dims)]
+        task_args = [
+            (a[i] if isinstance(a, torch.Tensor) else tree_map(lambda t, i=i: t[i], a)) if d == 0 else a
+            for a, d in zip(args, in_dims)
+        ]
         outs.append(fn(*task_args))
     return tree_map(lambda *xs: torch.stack(xs), *outs) if not isinstance(outs[0], torch.Tensor) else torch.stack(outs)
 
