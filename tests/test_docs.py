@@ -1,8 +1,12 @@
-"""The reference docs in docs/: every link into them points at a heading that exists, and every
-test that docs/traps.md names exists."""
+"""The reference docs in docs/: every link into them points at a heading that exists, every
+test that docs/traps.md names exists, and the MkDocs site (with the API reference) builds."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -40,3 +44,20 @@ def test_tests_named_in_the_docs_exist():
     for doc in DOCS.glob("*.md"):
         for name in re.findall(r"`(test_\w+)`", doc.read_text()):
             assert name in defined, f"{doc.name} names {name}, which no test defines"
+
+
+def test_the_docs_site_builds_strictly(tmp_path):
+    """mkdocs.yml, the pages and the API reference (mkdocstrings reads the docstrings): any
+    warning (a broken link, a `:::` reference that does not resolve, a docstring it cannot
+    parse) fails the build. Skipped where the docs extra is not installed (`.[docs]`)."""
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings_handlers.python")
+    out = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, f"mkdocs build --strict failed:\n{out.stdout}\n{out.stderr}"
+    assert (tmp_path / "site" / "api" / "index.html").is_file()
