@@ -1,5 +1,7 @@
 """Dataset readers: the files users have (archives, image folders, pickles) → cached tensors.
 
+Omniglot, MiniImagenet, and any folder of class folders (``load_folder``).
+
 Nothing here ever downloads: a missing dataset raises ``DatasetNotFoundError`` saying which
 file was expected where, how to point mamlkit at it and where to get it.
 """
@@ -106,6 +108,7 @@ def load_cache(path: Path, key: str, shape: tuple[int, ...] | None = None) -> di
     return payload
 
 
+from .folder import FolderData, load_folder  # noqa: E402
 from .miniimagenet import MiniImagenetData, load_miniimagenet  # noqa: E402
 from .omniglot import OmniglotData, load_omniglot  # noqa: E402
 
@@ -116,4 +119,6 @@ __all__ = [
     "load_omniglot",
     "MiniImagenetData",
     "load_miniimagenet",
+    "FolderData",
+    "load_folder",
 ]

@@ -22,14 +22,17 @@ from ..config import (
     spec,
     to_dict,
 )
-from ..models import CLASSIFIER_DATASET, CLASSIFIERS
+from ..models import CLASSIFIER_DATASET, CLASSIFIERS, classifier
 from ..rl.config import RLConfig
 
 # Images per class, and classes per split where the code fixes the split (Omniglot: 1100/100/423 characters).
-DATASET_SIZES: dict[str, tuple[int, dict[str, int] | None]] = {
+# A folder's are known once it is read (data.folder checks them then).
+DATASET_SIZES: dict[str, tuple[int | None, dict[str, int] | None]] = {
     "omniglot": (20, {"train": 1100, "val": 100, "test": 423}),
     "miniimagenet": (600, None),
+    "folder": (None, None),
 }
+FOLDER_DEFAULT_SHAPE = (3, 84)  # (channels, image_size) of data.dataset=folder when not set
 MODERN_QUERY = 15  # query examples per class under eval.query "modern" (as experiments.fewshot.MODERN_QUERY)
 
 
@@ -89,8 +92,15 @@ class SinusoidConfig:
 
 @dataclass
 class FewShotDataConfig:
-    dataset: str = spec("omniglot", choices=("omniglot", "miniimagenet"))
-    root: str | None = spec(None, doc="data directory; null = $MAMLKIT_OMNIGLOT_DIR / $MAMLKIT_MINIIMAGENET_DIR")
+    dataset: str = spec(
+        "omniglot",
+        choices=("omniglot", "miniimagenet", "folder"),
+        doc="folder = your own images, root/CLASS/*.png|jpg|... (mamlkit.data.folder)",
+    )
+    root: str | None = spec(
+        None,
+        doc="data directory; null = $MAMLKIT_OMNIGLOT_DIR / $MAMLKIT_MINIIMAGENET_DIR (folder: required)",
+    )
     split_dir: str | None = spec(None, doc="MiniImagenet split CSVs when not beside images/; null = data.root")
     cache_dir: str | None = spec(None, doc="preprocessed cache; null = $MAMLKIT_CACHE_DIR or ~/.cache/mamlkit")
     resize: str = spec(
@@ -99,6 +109,27 @@ class FewShotDataConfig:
         doc="Omniglot 28x28 resize: nearest = the official binary images, lanczos = gray levels",
     )
     rotate: bool = spec(True, doc="rotate each class of a task by a random multiple of 90 degrees (Omniglot)")
+    # The folder dataset's own settings; the other datasets have fixed shapes and splits.
+    image_size: int | None = spec(
+        None, low=16, high=1024, doc="folder: side of the square images after resizing; null = 84"
+    )
+    channels: int | None = spec(None, choices=(1, 3), doc="folder: 1 = gray, 3 = RGB (images converted); null = 3")
+    split_file: str | None = spec(
+        None, doc="folder: a file of `CLASS,SPLIT` lines (train, val or test); null = split by split_fractions"
+    )
+    split_fractions: list[float] = spec(
+        [0.64, 0.16, 0.2],
+        low=0.0,
+        high=1.0,
+        doc="folder without split_file: train, val, test fractions of the classes (sorted, seeded shuffle)",
+    )
+
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of the images the model sees."""
+        if self.dataset != "folder":
+            return IMAGE_SHAPE[self.dataset]
+        channels, size = self.channels or FOLDER_DEFAULT_SHAPE[0], self.image_size or FOLDER_DEFAULT_SHAPE[1]
+        return (channels, size, size)
 
 
 @dataclass
@@ -150,11 +181,32 @@ class FewShotConfig:
             )
         wanted = CLASSIFIER_DATASET[self.model.arch]
         if self.data.dataset != wanted:
-            shape = {"omniglot": "28x28 gray", "miniimagenet": "84x84 RGB"}[wanted]
-            problems.append(f"model.arch {self.model.arch} expects data.dataset={wanted} ({shape})")
+            shape = {"omniglot": "28x28 gray", "miniimagenet": "84x84 RGB", "folder": "any size"}[wanted]
+            fix = "; data.dataset=folder trains model.arch=conv4" if self.data.dataset == "folder" else ""
+            problems.append(f"model.arch {self.model.arch} expects data.dataset={wanted} ({shape}){fix}")
+        problems += self._folder_problems()
         problems += self._data_problems()
         if problems:
             raise ConfigError(*problems)
+
+    def _folder_problems(self) -> list[str]:
+        """The folder dataset's settings: set only for it, fractions that split."""
+        d, defaults, problems = self.data, FewShotDataConfig(), []
+        if d.dataset != "folder":
+            for name in ("image_size", "channels", "split_file", "split_fractions"):
+                if getattr(d, name) != getattr(defaults, name):
+                    problems.append(
+                        f"data.{name} applies to data.dataset=folder only; {d.dataset} has a fixed shape and "
+                        f"split, so leave data.{name} out"
+                    )
+            return problems
+        fractions = d.split_fractions
+        if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6:
+            problems.append(
+                f"data.split_fractions: {fractions} must be 3 fractions (train, val, test) summing to 1, "
+                "e.g. [0.64, 0.16, 0.2]"
+            )
+        return problems
 
     def _data_problems(self) -> list[str]:
         """Tasks the dataset cannot fill: more examples per class than a class holds, more classes
@@ -168,7 +220,7 @@ class FewShotConfig:
         if self.train.validate_every:
             wanted[f"task.k_shot + its queries at validation ({k})"] = (2 * k, "task.k_shot")
         for what, (n, fix) in wanted.items():
-            if n > per_class:
+            if per_class is not None and n > per_class:
                 problems.append(f"{what} = {n}: a {self.data.dataset} class holds {per_class} images; lower {fix}")
         splits = {"train": True, "val": bool(self.train.validate_every), "test": True}
         for split, n in (classes or {}).items():
@@ -340,18 +392,18 @@ def _sinusoid_memory(cfg) -> dict[str, tuple[int, list[str]]]:
     }
 
 
-def _classifier_sizes(arch: str, n_way: int) -> tuple[int, int]:
+def _classifier_sizes(arch: str, n_way: int, shape: tuple[int, int, int]) -> tuple[int, int]:
     """(parameters, activation floats per image) of a classifier: its layers' outputs counted in
     one forward pass on the meta device (shapes only, no memory); about what a backward keeps."""
-    return _classifier_sizes_cached(arch, min(n_way, 10**6))
+    return _classifier_sizes_cached(arch, min(n_way, 10**6), shape)
 
 
 @functools.lru_cache(maxsize=64)
-def _classifier_sizes_cached(arch: str, n_way: int) -> tuple[int, int]:
+def _classifier_sizes_cached(arch: str, n_way: int, shape: tuple[int, int, int]) -> tuple[int, int]:
     import torch
 
     with torch.device("meta"):
-        model = CLASSIFIERS[arch](n_way)
+        model = classifier(arch, n_way, shape)
     outputs = [0]
 
     def count(module, inputs, output) -> None:
@@ -360,15 +412,15 @@ def _classifier_sizes_cached(arch: str, n_way: int) -> tuple[int, int]:
     for module in model.modules():
         if not list(module.children()):
             module.register_forward_hook(count)
-    model(torch.empty(1, *IMAGE_SHAPE[CLASSIFIER_DATASET[arch]], device="meta"))
+    model(torch.empty(1, *shape, device="meta"))
     return sum(p.numel() for p in model.parameters()), outputs[0]
 
 
 def _fewshot_memory(cfg) -> dict[str, tuple[int, list[str]]]:
     t, e, m, task = cfg.train, cfg.eval, cfg.maml, cfg.task
-    params, acts = _classifier_sizes(cfg.model.arch, task.n_way)
+    params, acts = _classifier_sizes(cfg.model.arch, task.n_way, cfg.data.image_shape())
     params = params * task.n_way // min(task.n_way, 10**6)  # the head grows with n_way beyond the cap
-    data = DATA_BYTES[cfg.data.dataset]
+    data = DATA_BYTES.get(cfg.data.dataset, 0)  # a folder's size is known only once it is read
     per_task = task.n_way * (task.k_shot * _kept_steps(m) + task.q_query) * acts
     train = data + FLOAT * (
         3 * t.meta_batch_size * per_task

@@ -1,4 +1,4 @@
-"""Few-shot image classification: Omniglot and MiniImagenet (paper Section 5.2)."""
+"""Few-shot image classification: Omniglot and MiniImagenet (paper Section 5.2), and folders of your own images."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..config import apply_overrides, to_dict
 from ..engine import MAML
-from ..models import ADAPT_ALL_BUT_NORM, CLASSIFIERS
+from ..models import ADAPT_ALL_BUT_NORM, classifier
 from ..tasks.fewshot import FewShotTasks
 from ..training import BEST, CHECKPOINT, AdamUpdate, Trainer, checkpoint_file, mean_ci, start_run
 from ..training import checkpoint as ckpt
@@ -35,11 +35,50 @@ def _omniglot(root, resize: str, cache_dir):
     return load_omniglot(root, resize=resize, cache_dir=cache_dir)
 
 
+def _folder_index(cfg: FewShotConfig):
+    """The folder's classes, images and split, listed without reading a pixel."""
+    from ..data.folder import scan_folder
+
+    d = cfg.data
+    return scan_folder(d.root, split_file=d.split_file, split_fractions=tuple(d.split_fractions))
+
+
+def folder_needs(cfg: FewShotConfig, split: str) -> tuple[int, int]:
+    """(images per class, classes) that tasks on ``split`` draw: the shots plus the most queries
+    per class of that phase (training, validation, each test protocol), and ``n_way``."""
+    k = cfg.task.k_shot
+    queries = {"train": cfg.task.q_query, "val": k}.get(split)
+    if queries is None:
+        queries = max(k if p == "paper" else MODERN_QUERY for p in cfg.eval.query)
+    return k + queries, cfg.task.n_way
+
+
+def check_folder(cfg: FewShotConfig) -> None:
+    """Refuse, before training, a folder whose splits cannot fill the run's tasks, test included
+    (which only evaluation reads): a short class then stops the run now, not after it."""
+    index = _folder_index(cfg)
+    for split in ("train", "val", "test") if cfg.train.validate_every else ("train", "test"):
+        index.check(split, *folder_needs(cfg, split))
+
+
 def load_split(cfg: FewShotConfig, split: str) -> Tensor:
     """The split's images ``[classes, examples, ...]`` on the training device, loaded once."""
     d = cfg.data
     if d.dataset == "omniglot":
         images = _omniglot(d.root, d.resize, d.cache_dir).split_images(split)
+    elif d.dataset == "folder":
+        from ..data.folder import load_folder
+
+        channels, size, _ = d.image_shape()
+        data = load_folder(
+            d.root,
+            image_size=size,
+            channels=channels,
+            split_file=d.split_file,
+            split_fractions=tuple(d.split_fractions),
+            cache_dir=d.cache_dir,
+        )
+        images = data.split_images(split, *folder_needs(cfg, split))
     else:
         from ..data.miniimagenet import load_miniimagenet
 
@@ -60,7 +99,7 @@ def make_tasks(cfg: FewShotConfig, images: Tensor, q_query: int) -> FewShotTasks
 
 
 def make_model(cfg: FewShotConfig) -> nn.Module:
-    return CLASSIFIERS[cfg.model.arch](cfg.task.n_way)
+    return classifier(cfg.model.arch, cfg.task.n_way, cfg.data.image_shape())
 
 
 def make_learner(cfg: FewShotConfig) -> MAML:
@@ -92,6 +131,8 @@ def _test_lr(cfg: FewShotConfig):
 def train(
     cfg: FewShotConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, changes: dict | None = None
 ) -> bool:
+    if cfg.data.dataset == "folder":
+        check_folder(cfg)  # before start_run writes anything
     run_dir = start_run(cfg, run_dir, resume, changes)
     t = cfg.train
     torch.manual_seed(t.seed)

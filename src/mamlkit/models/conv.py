@@ -88,3 +88,11 @@ def omniglot_conv4(n_way: int) -> Conv4:
 
 def miniimagenet_conv4(n_way: int) -> Conv4:
     return Conv4(n_way, in_channels=3, filters=32, pool=True, image_size=84)
+
+
+def conv4(n_way: int, in_channels: int = 3, image_size: int = 84) -> Conv4:
+    """The MiniImagenet network for square images of any side >= 16 (four 2x2 max-pools) and
+    1 or 3 channels: what a folder of your own images trains (``data.dataset: folder``)."""
+    if image_size < 16:
+        raise ValueError(f"conv4 halves the image four times, so it needs a side >= 16; got {image_size}")
+    return Conv4(n_way, in_channels=in_channels, filters=32, pool=True, image_size=image_size)
