@@ -14,6 +14,8 @@ import torch
 
 from mamlkit import distributed
 
+pytestmark = pytest.mark.slow  # real processes, many of them: the full suite only
+
 SINUSOID = [
     "sinusoid",
     "--quiet",

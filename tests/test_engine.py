@@ -416,6 +416,7 @@ def test_meta_backward_equals_autograd_backward(kwargs):
         torch.testing.assert_close(p.grad, 2 * w)
 
 
+@pytest.mark.slow
 def test_meta_backward_falls_back_to_autograd_for_torch_norm_layers():
     torch.manual_seed(14)
     maml = MAML(NormNet(nn.LayerNorm(6)), inner_lr=0.1, inner_steps=2, compile=True)

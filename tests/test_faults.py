@@ -146,6 +146,7 @@ def test_malformed_run_config_names_the_file_and_line(tmp_path, capsys):
 # -- kills, locks ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
     args = ["train", "sinusoid", *FAST, "--set", "train.checkpoint_every=50", "--set", "train.log_every=50"]
     straight = start([*args, "--out", "straight", "--set", "train.iterations=300"], tmp_path)
@@ -166,6 +167,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
     assert rows == sorted(set(rows), key=int)  # each row once, in order, across the kill
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_dead_ones_lock_does_not_block(tmp_path):
     args = ["train", "sinusoid", *FAST, "--out", "run", "--set", "train.checkpoint_every=20"]
     first = start([*args, "--set", "train.iterations=100000"], tmp_path)
@@ -207,6 +209,7 @@ def test_models_trained_apart_with_only_are_those_of_the_whole_run(tmp_path, cap
     assert "--only: bogus not among this run's models (maml, pretrained, oracle)" in err, err
 
 
+@pytest.mark.slow
 def test_a_second_process_trains_the_runs_other_models_beside_the_first(tmp_path):
     args = ["train", "sinusoid", *FAST, "--out", "run", "--set", "models=[maml,pretrained]"]
     first = start([*args, "--only", "maml", "--set", "train.iterations=100000"], tmp_path)
@@ -345,6 +348,7 @@ def test_a_config_file_must_say_what_it_is(tmp_path, capsys):
     assert "maml: already trained, 3 of 3 iterations; nothing to do" in said, said
 
 
+@pytest.mark.slow
 def test_eval_refuses_to_drop_a_model_silently(tmp_path, capsys):
     out = tmp_path / "run"
     assert (
@@ -438,6 +442,7 @@ def test_version(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.startswith("mamlkit ")
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_eval_is_a_line_not_a_traceback(tmp_path):
     args = ["train", "sinusoid", *FAST, "--out", "run", "--set", "train.iterations=5"]
     assert start(args, tmp_path).wait(timeout=300) == 0

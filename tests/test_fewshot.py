@@ -43,6 +43,7 @@ def image_batch(tasks, n_way, k, channels, size, seed=0):
 
 
 @pytest.mark.parametrize("pool", [False, True], ids=["omniglot-style", "miniimagenet-style"])
+@pytest.mark.slow
 def test_conv4_second_order_meta_gradient_matches_finite_differences(pool):
     torch.manual_seed(0)
     size = 16 if pool else 8
@@ -133,6 +134,7 @@ def test_omniglot_5way_1shot_learns_end_to_end(tmp_path, capsys):
     assert (run / "plots" / "accuracy_vs_steps.png").exists()
 
 
+@pytest.mark.slow
 def test_miniimagenet_pipeline_runs_on_fake_pickles(tmp_path, monkeypatch):
     """The MiniImagenet preset end to end on a tiny fake dataset in the pickle layout."""
     rng = np.random.default_rng(0)

@@ -150,6 +150,7 @@ def _wait_for(path: Path, proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGKILL])
+@pytest.mark.slow
 def test_a_stop_before_the_first_iteration_leaves_nothing_that_blocks_the_command(tmp_path, sig):
     args = ["train", "sinusoid", "--out", "run", *FAST, "--set", "train.iterations=3"]
     proc = _start(args, tmp_path, slow_start=True)
@@ -204,6 +205,7 @@ def _damage(path: Path, how: str, at: float, junk: bytes) -> None:
     sets=st.lists(st.tuples(KEYS, VALUES), max_size=2),
     command=st.sampled_from(["resume", "eval", "plot"]),
 )
+@pytest.mark.slow
 def test_any_damage_or_setting_ends_in_a_clean_exit_and_keeps_the_rest(
     trained, tmp_path, file, how, at, junk, sets, command
 ):

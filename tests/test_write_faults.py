@@ -23,6 +23,8 @@ from PIL import Image
 
 from mamlkit.training.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # real processes, many of them: the full suite only
+
 HOOK = Path(__file__).with_name("faultinject.py")
 TRAIN = [
     "train", "sinusoid", "--out", "run", "--quiet", "--set", "models=[maml,pretrained]", "--set", "maml.strategy=vmap",
