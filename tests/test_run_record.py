@@ -233,3 +233,19 @@ def test_any_damage_or_setting_ends_in_a_clean_exit_and_keeps_the_rest(
         changed = [p.name for p in before if p.name not in ("run.log", ".lock") and after.get(p) != before[p]]
         assert not changed
     shutil.rmtree(case)
+
+
+def test_plot_draws_a_named_evaluation_and_says_when_there_is_none(run, capsys):
+    """`plot --name NAME` draws eval-NAME.json into plots/eval-NAME/; a missing named evaluation is
+    refused with the command that makes it; a run not yet evaluated gets its training curves and a note."""
+    assert cli.main(["plot", str(run), "--name", "three"]) == 2
+    err = capsys.readouterr().err
+    assert "eval-three.json not found" in err and "mamlkit eval" in err and "--name three" in err
+    assert cli.main(["eval", str(run), *EVAL, "--name", "three", "--set", "eval.steps=3"]) == 0
+    assert cli.main(["plot", str(run), "--name", "three"]) == 0
+    assert (run / "plots/eval-three/mse_vs_steps.png").exists() and (run / "plots/eval-three/fits.png").exists()
+    (run / "eval.json").unlink()
+    capsys.readouterr()
+    assert cli.main(["plot", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "has no eval.json" in out and "training_loss.png" in out and "mse_vs_steps" not in out

@@ -179,11 +179,18 @@ def cmd_eval(args) -> int:
 def cmd_plot(args) -> int:
     run_dir = Path(args.run_dir)
     exp = _experiment_of(_run_config(run_dir))
-    stale = runs.stale_models(run_dir, runs.read_eval(run_dir)) if (run_dir / "eval.json").exists() else {}
+    stem = runs.eval_stem(args.name)
+    evaluated = (run_dir / f"{stem}.json").exists()
+    if args.name is not None and not evaluated:
+        runs.read_eval(run_dir, args.name)  # refused, saying how to make it
+    stale = runs.stale_models(run_dir, runs.read_eval(run_dir, args.name)) if evaluated else {}
     if stale:
         which = ", ".join(f"{k} at iteration {a} (its checkpoint is now at {b})" for k, (a, b) in stale.items())
-        print(f"note: eval.json evaluated {which}; `mamlkit eval {run_dir}` first to plot the current models")
-    for path in exp.plot(run_dir):
+        named = f" --name {args.name}" if args.name else ""
+        print(f"note: {stem}.json evaluated {which}; `mamlkit eval {run_dir}{named}` first to plot the current models")
+    if not evaluated:
+        print(f"note: {run_dir} has no eval.json: only the training curves are drawn; `mamlkit eval {run_dir}` first")
+    for path in exp.plot(run_dir, name=args.name):
         print(f"written: {path}")
     return 0
 
@@ -237,6 +244,9 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     pl = sub.add_parser("plot", help="draw a run's figures into RUN_DIR/plots/")
     pl.add_argument("run_dir")
+    pl.add_argument(
+        "--name", help="draw the evaluation eval-NAME.json (`mamlkit eval --name NAME`) into RUN_DIR/plots/eval-NAME/"
+    )
     pl.set_defaults(func=cmd_plot)
     pr = sub.add_parser("presets", help="list the shipped presets, or print one resolved")
     pr.add_argument(

@@ -16,7 +16,7 @@ from ..models import ADAPT_ALL_BUT_NORM, classifier
 from ..tasks.fewshot import FewShotTasks
 from ..training import BEST, CHECKPOINT, AdamUpdate, Trainer, checkpoint_file, mean_ci, start_run
 from ..training import checkpoint as ckpt
-from ..training.runs import deadline, read_eval, write_eval
+from ..training.runs import deadline, eval_figures, read_eval, write_eval
 from . import build_maml, load_run, step_cells, steps_label
 from .configs import FewShotConfig
 
@@ -264,8 +264,9 @@ def format_table(results: dict, steps_shown=(0, 1, 3, 5, 10)) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def plot(run_dir: str | Path) -> list[Path]:
-    """Learning curves (training loss, validation accuracy) and test accuracy against steps."""
+def plot(run_dir: str | Path, name: str | None = None) -> list[Path]:
+    """Learning curves (training loss, validation accuracy) and, once evaluated (``eval-NAME.json``
+    with ``name``), test accuracy against steps."""
     import matplotlib.pyplot as plt
 
     from .. import plots
@@ -277,11 +278,11 @@ def plot(run_dir: str | Path) -> list[Path]:
     if rows:  # val_acc is logged as a fraction; the tables give accuracy in percent
         acc = {"key": "val_acc", "logy": False, "scale": 100, "ylabel": "validation accuracy (%)"}
         out.append(plots.training_curves({"validation tasks": run_dir}, run_dir / "plots" / "val_acc.png", **acc))
-    if (run_dir / "eval.json").exists():  # the learning curves need no evaluation; this figure does
-        results = read_eval(run_dir)
+    if name is not None or (run_dir / "eval.json").exists():  # the learning curves need no evaluation
+        results = read_eval(run_dir, name)
         fig, ax = plt.subplots(figsize=(5.5, 4))
         series = {f"{r['query_per_class']} query/class": (r["acc"], r["ci95"]) for r in results["protocols"].values()}
         plots.steps_curves(ax, series, "test accuracy (%)")
         ax.set_title(f"{results['dataset']} {results['n_way']}-way {results['k_shot']}-shot")
-        out.append(plots.save(fig, run_dir / "plots" / "accuracy_vs_steps.png"))
+        out.append(plots.save(fig, eval_figures(run_dir, name) / "accuracy_vs_steps.png"))
     return out

@@ -23,7 +23,7 @@ from ..rl.tasks import MujocoTasks, NavigationTasks, make_tasks
 from ..rl.trpo import MetaTRPO
 from ..training import checkpoint as ckpt
 from ..training import checkpoint_file, mean_ci
-from ..training.runs import read_eval, write_eval
+from ..training.runs import eval_figures, read_eval, write_eval
 from . import build_maml, load_run, steps_label, train_models, trained_models
 
 # Mean return over 40 test tasks after 0/1/2/3 steps, from the official code's result files
@@ -239,17 +239,17 @@ def _paired_table(diffs: dict, steps: int) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def plot(run_dir: str | Path) -> list[Path]:
-    """The training curves and, once the run is evaluated, the paper's Figure 4 (return against
-    gradient steps)."""
+def plot(run_dir: str | Path, name: str | None = None) -> list[Path]:
+    """The training curves and, once the run is evaluated (``eval-NAME.json`` with ``name``), the
+    paper's Figure 4 (return against gradient steps)."""
     import matplotlib.pyplot as plt
 
     from .. import plots
 
     run_dir = Path(run_dir)
     out = []
-    if (run_dir / "eval.json").exists():  # the training curves need no evaluation; this figure does
-        results = read_eval(run_dir)
+    if name is not None or (run_dir / "eval.json").exists():  # the training curves need no evaluation
+        results = read_eval(run_dir, name)
         models = results["models"]
         fig, ax = plt.subplots(figsize=(7, 4))
         env = results.get("env", "navigation2d")
@@ -263,7 +263,7 @@ def plot(run_dir: str | Path) -> list[Path]:
             legend={"fontsize": 8, "loc": "center left", "bbox_to_anchor": (1.02, 0.5)},
         )
         ax.set_title(f"{env} (dotted: the paper's)" if paper else env)
-        out.append(plots.save(fig, run_dir / "plots" / "return_vs_steps.png"))
+        out.append(plots.save(fig, eval_figures(run_dir, name) / "return_vs_steps.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind in MODELS:
         path = run_dir / kind / "metrics.csv"

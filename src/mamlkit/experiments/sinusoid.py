@@ -15,7 +15,7 @@ from ..models import mlp, official_init_
 from ..tasks import SinusoidTasks
 from ..training import AdamUpdate, checkpoint_file, mean_ci
 from ..training import checkpoint as ckpt
-from ..training.runs import read_eval, write_eval
+from ..training.runs import eval_figures, read_eval, write_eval
 from . import build_maml, load_run, steps_label, train_models, trained_models
 from .configs import SinusoidConfig
 
@@ -215,18 +215,30 @@ def _finite(v) -> bool:
     return v is not None and math.isfinite(v)  # eval.json stores an undefined number as null
 
 
-def plot(run_dir: str | Path, task_index: int = 0) -> list[Path]:
-    """The paper's Figures 2 and 3 for a run (after ``evaluate``), and its training curves."""
+def plot(run_dir: str | Path, name: str | None = None, task_index: int = 0) -> list[Path]:
+    """The paper's Figures 2 and 3 for a run once it is evaluated (``eval-NAME.json`` with ``name``),
+    and its training curves."""
     import matplotlib.pyplot as plt
 
     from .. import plots
 
     run_dir = Path(run_dir)
-    results = read_eval(run_dir)
+    figures = eval_figures(run_dir, name)
+    # The models' logged losses differ: say which each one is, on an axis named for what they share.
+    losses = {
+        "maml": "MAML: query MSE after the inner steps",
+        "pretrained": "pretrained: MSE, no inner step",
+        "oracle": "oracle: MSE, the task given as input",
+    }
+    curves = {losses[k]: run_dir / k for k in KINDS if (run_dir / k / "metrics.csv").exists()}
+    out = [plots.training_curves(curves, run_dir / "plots" / "training_loss.png", ylabel="training MSE")]
+    if name is None and not (run_dir / "eval.json").exists():
+        return out
+    results = read_eval(run_dir, name)
     models = results["models"]
     shots = list(next(iter(models.values()))["shots"])
     # Figure 3: MSE against gradient steps, one panel per K.
-    out = [plots.save(mse_figure(results), run_dir / "plots" / "mse_vs_steps.png")]
+    out.append(plots.save(mse_figure(results), figures / "mse_vs_steps.png"))
 
     # Figure 2: K-shot fits of one test task after 0, 1 and 10 steps.
     fitted = [k for k in ("maml", "pretrained") if k in models]
@@ -238,16 +250,7 @@ def plot(run_dir: str | Path, task_index: int = 0) -> list[Path]:
             lr = models[kind]["shots"][k]["lr"]
             _plot_fit(ax, learner, cfg, kind, int(k), None if lr == "learned" else lr, task_index)
             ax.set_title(f"{LABELS[kind]}, K = {k}")
-    out.append(plots.save(fig, run_dir / "plots" / "fits.png"))
-
-    # The models' logged losses differ: say which each one is, on an axis named for what they share.
-    losses = {
-        "maml": "MAML: query MSE after the inner steps",
-        "pretrained": "pretrained: MSE, no inner step",
-        "oracle": "oracle: MSE, the task given as input",
-    }
-    curves = {losses[k]: run_dir / k for k in models if (run_dir / k / "metrics.csv").exists()}
-    out.append(plots.training_curves(curves, run_dir / "plots" / "training_loss.png", ylabel="training MSE"))
+    out.append(plots.save(fig, figures / "fits.png"))
     return out
 
 

@@ -446,15 +446,24 @@ def deadline(time_limit: float) -> float:
     return time.monotonic() + time_limit if time_limit else float("inf")
 
 
-def read_eval(run_dir: str | Path) -> dict:
-    """A run's ``eval.json``, with a message saying how to make it when it is missing."""
-    path = Path(run_dir) / "eval.json"
+def read_eval(run_dir: str | Path, name: str | None = None) -> dict:
+    """A run's ``eval.json`` (``eval-NAME.json`` with ``name``), with a message saying how to make it
+    when it is missing."""
+    path = Path(run_dir) / f"{eval_stem(name)}.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found; run `mamlkit eval {run_dir}` first")
+        named = f" --name {name}" if name else ""
+        raise FileNotFoundError(f"{path} not found; run `mamlkit eval {run_dir}{named}` first")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); run `mamlkit eval {run_dir}` again to rewrite it") from None
+
+
+def eval_figures(run_dir: str | Path, name: str | None = None) -> Path:
+    """Where the figures drawn from an evaluation go: ``RUN/plots/``, or ``RUN/plots/eval-NAME/``
+    for a named one (the training curves, which need no evaluation, stay in ``RUN/plots/``)."""
+    plots = Path(run_dir) / "plots"
+    return plots if name is None else plots / eval_stem(name)
 
 
 def stale_models(run_dir: str | Path, results: dict) -> dict[str, tuple[int, int]]:
