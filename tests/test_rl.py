@@ -596,3 +596,23 @@ def test_return_plot_draws_the_papers_values_where_given():
     assert lines["MAML (paper)"].get_color() == lines["MAML"].get_color()
     assert list(lines["oracle (paper)"].get_ydata()) == [6.0, 6.0]
     plt.close(fig)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_the_gain_column_appears_only_with_a_step_after_the_first(steps):
+    """With one test step there is no "N steps − 1 step" to show: no empty column, and every row
+    has as many cells as the header."""
+    from mamlkit.experiments.rl import format_table
+
+    n = steps + 1
+    model = {"returns": [1.0] * n, "ci95": [0.1] * n, "iterations": 5, "inner_lrs": [0.1]}
+    if steps > 1:
+        model["gain_after_step_1"] = [0.5, 0.2]
+    results = {
+        "models": {"maml": model, "oracle": {"returns": [2.0], "ci95": [0.1], "iterations": 5}},
+        "eval": {"num_tasks": 4, "trajectories": 2, "inner_lrs": [0.1]},
+        "paper": {"maml": [0.0] * n},
+    }
+    table = [line for line in format_table(results).splitlines() if line.startswith("|")]
+    assert ("− 1 step (paired)" in table[0]) == (steps > 1)
+    assert len({line.count("|") for line in table}) == 1, table

@@ -202,25 +202,29 @@ def format_table(results: dict) -> str:
         if e.get("tune_inner_lrs")
         else f"step sizes {e['inner_lrs']}" + "".join(f", {k} {v}" for k, v in e.get("model_inner_lrs", {}).items())
     )
+    gains = steps > 2  # a gain after step 1 needs a later step: with one step the column is empty
     head = (
         f"Mean return on {e['num_tasks']} test tasks (± 95% CI over tasks), "
         f"{e['trajectories']} trajectories per step, {sizes}; "
         "the oracle takes no step. Paper: cbfinn/maml_rl result files.\n\n"
         "| model | meta-iterations | step sizes | "
         + " | ".join(map(steps_label, range(steps)))
-        + f" | {steps_label(steps - 1)} − 1 step (paired) |\n"
-        "|---|---|---|" + "---|" * (steps + 1) + "\n"
+        + (f" | {steps_label(steps - 1)} − 1 step (paired)" if gains else "")
+        + " |\n|---|---|---|"
+        + "---|" * (steps + gains)
+        + "\n"
     )
     lines = []
     for kind, m in models.items():
         cells = [f"{r:.2f} ± {c:.2f}" for r, c in zip(m["returns"], m["ci95"])] + [""] * (steps - len(m["returns"]))
         gain = m.get("gain_after_step_1")
-        cells.append(f"{gain[0]:+.2f} ± {gain[1]:.2f}" if gain else "")
+        if gains:
+            cells.append(f"{gain[0]:+.2f} ± {gain[1]:.2f}" if gain else "")
         lrs = ", ".join(f"{x:g}" for x in m.get("inner_lrs", []))
         lines.append(f"| {MODELS[kind]} | {m['iterations']} | {lrs} | " + " | ".join(cells) + " |")
     for kind, ref in results.get("paper", {}).items():
         cells = ["–" if r is None else f"{r:g}" for r in ref[:steps]] + [""] * (steps - len(ref[:steps]))
-        lines.append(f"| paper: {MODELS[kind]} | 500 (max) | | " + " | ".join(cells) + " | |")
+        lines.append(f"| paper: {MODELS[kind]} | 500 (max) | | " + " | ".join(cells) + (" | |" if gains else " |"))
     return head + "\n".join(lines) + "\n" + _paired_table(results.get("maml_minus", {}), steps)
 
 
