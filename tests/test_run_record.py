@@ -249,3 +249,14 @@ def test_plot_draws_a_named_evaluation_and_says_when_there_is_none(run, capsys):
     assert cli.main(["plot", str(run)]) == 0
     out = capsys.readouterr().out
     assert "has no eval.json" in out and "training_loss.png" in out and "mse_vs_steps" not in out
+
+
+def test_a_long_evaluation_on_a_cpu_says_how_to_shorten_it(monkeypatch, tmp_path, capsys):
+    from mamlkit.experiments import fewshot
+
+    monkeypatch.setattr(cli.runs, "run_config", lambda run_dir, build: {"experiment": "fewshot", "eval": {}})
+    monkeypatch.setattr(fewshot, "evaluate", lambda *a, **k: (tmp_path / "eval.md").write_text("table"))
+    assert cli.main(["eval", str(tmp_path), "--device", "cpu", "--set", "eval.num_tasks=600"]) == 0
+    assert "--set eval.num_tasks=N" in capsys.readouterr().out
+    assert cli.main(["eval", str(tmp_path), "--device", "cpu", "--set", "eval.num_tasks=10"]) == 0
+    assert "eval.num_tasks=N" not in capsys.readouterr().out

@@ -168,12 +168,29 @@ def cmd_eval(args) -> int:
     holder = runs.holder(run_dir)
     if holder:
         print(f"note: {run_dir} is still training ({holder}); evaluating the checkpoints it has written so far")
+    _hint_long_evaluation(raw, args)
     _experiment_of(raw).evaluate(
         run_dir, device=args.device, overrides=args.set, models=models, name=args.name, iteration=args.iteration
     )
     print((run_dir / f"{stem}.md").read_text())
     print(f"written: {run_dir / f'{stem}.json'}, {run_dir / f'{stem}.md'}")
     return 0
+
+
+def _hint_long_evaluation(raw: dict, args) -> None:
+    """On a CPU, the paper's test protocols (600 image tasks, 40 RL tasks of full episodes) take
+    minutes: say which settings make a quicker look."""
+    device = args.device or str(raw.get("train", {}).get("device", "cpu"))
+    if raw.get("experiment") not in ("fewshot", "rl") or not device.startswith("cpu"):
+        return
+    e = config_lib.apply_overrides(copy.deepcopy(raw), list(args.set)).get("eval", {})
+    tasks, steps = e.get("num_tasks"), e.get("steps")
+    if isinstance(tasks, int) and tasks >= 40:
+        print(
+            f"note: evaluating {tasks} test tasks, {steps} steps each, on the CPU can take many minutes; for a "
+            "quicker look: --set eval.num_tasks=N --set eval.steps=S --name quick (the paper's numbers need the "
+            "defaults)"
+        )
 
 
 def cmd_plot(args) -> int:
