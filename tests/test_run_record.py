@@ -260,3 +260,40 @@ def test_a_long_evaluation_on_a_cpu_says_how_to_shorten_it(monkeypatch, tmp_path
     assert "--set eval.num_tasks=N" in capsys.readouterr().out
     assert cli.main(["eval", str(tmp_path), "--device", "cpu", "--set", "eval.num_tasks=10"]) == 0
     assert "eval.num_tasks=N" not in capsys.readouterr().out
+
+
+def test_weights_and_biases_logs_beside_the_csv_and_a_resume_continues_its_run(tmp_path, monkeypatch, capsys):
+    """train.wandb=PROJECT logs every metric row to W&B too (a stand-in module here), and a resume
+    continues the same W&B run; without wandb installed the start is refused with the install."""
+    import importlib.util
+    import types
+
+    calls = []
+
+    class FakeRun:
+        def log(self, row, step):
+            calls.append(("log", step, row["loss"]))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs["project"], kwargs["id"], kwargs["resume"]))
+        return FakeRun()
+
+    fake = types.ModuleType("wandb")
+    fake.init, fake.util = init, types.SimpleNamespace(generate_id=lambda: "run-1")
+    fake.__spec__ = importlib.util.spec_from_loader("wandb", loader=None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    assert train(out, "--set", "train.iterations=2", "--set", "train.wandb=proj") == 0
+    assert train(out, "--resume", "--set", "train.iterations=4") == 0
+    rows = [(r["iteration"], r["loss"]) for r in read_metrics(out / "maml/metrics.csv")]
+    assert [c for c in calls if c[0] == "init"] == [("init", "proj", "run-1", "allow")] * 2
+    assert [(c[1], c[2]) for c in calls if c[0] == "log"] == rows
+    assert calls.count(("finish",)) == 2 and (out / "maml/wandb-id").read_text() == "run-1"
+
+    monkeypatch.delitem(sys.modules, "wandb")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else object())
+    assert train(tmp_path / "other", "--set", "train.wandb=proj") == 2
+    assert "pip install wandb" in capsys.readouterr().err

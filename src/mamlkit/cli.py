@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import logging
 import os
 import signal
@@ -104,6 +105,11 @@ def cmd_train(args) -> int:
             print(f"note: {out} held a start that wrote no checkpoint (stopped before its first one); starting anew")
     config_lib.check_device(cfg.train.device, "train.device", present=True)
     check_machine(cfg)  # thread counts and a memory estimate: an impossible run stops before it starts
+    if cfg.train.wandb and importlib.util.find_spec("wandb") is None:
+        raise config_lib.ConfigError(
+            f"train.wandb={cfg.train.wandb!r} asks for Weights & Biases, which is not installed: "
+            "`pip install wandb`, or leave train.wandb unset (metrics.csv and TensorBoard log every run)"
+        )
     exp = experiments.get(cfg.experiment)
     only = _only(args.only, cfg) if args.only is not None else {}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.train.device.startswith("cuda:"):

@@ -126,6 +126,11 @@ class TrainConfig:
     time_limit: float = spec(
         0.0, low=0.0, doc="stop (checkpoint saved, resumable) after this many seconds of training; 0 = no limit"
     )
+    wandb: str | None = spec(
+        None,
+        doc="a Weights & Biases project to log the metrics to as well (needs `pip install wandb`; a resume "
+        "continues the same W&B run); null = off",
+    )
     nonfinite: str = spec(
         "stop",
         choices=("stop", "skip"),

@@ -19,7 +19,8 @@ Split, by class:
 - otherwise the class names are sorted, shuffled with ``random.Random(0)`` (so that names that
   group similar classes, ``bird_01``..., do not put them all in one split) and cut by
   ``split_fractions``: the first ``round(n * train)`` classes train, up to ``round(n * (train + val))``
-  val, the rest test. Deterministic on every machine; adding a class reshuffles it.
+  val, the rest test. Deterministic on every machine; adding a class reshuffles it, so a run of
+  ``mamlkit train`` records its split in ``RUN/split.csv``, which ``--resume`` and ``mamlkit eval`` read.
 
 The sampler draws from equal-sized classes, so a split whose classes hold different numbers of
 images uses the first ``m`` (sorted names) of each, ``m`` being its smallest class (with a warning).

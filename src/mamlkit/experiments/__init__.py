@@ -116,6 +116,7 @@ def train_models(
             deadline=stop_at,
             name=kind,
             nonfinite=t.nonfinite,
+            wandb=t.wandb,
         )
         if not trainer.fit(resume=resume, progress=progress):
             return False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..config import apply_overrides, to_dict
 from ..engine import MAML
 from ..models import ADAPT_ALL_BUT_NORM, classifier
@@ -21,6 +24,10 @@ from . import build_maml, load_run, step_cells, steps_label
 from .configs import FewShotConfig
 
 MODERN_QUERY = 15
+# A folder run's classes per split as it trained (data.split_file's format): --resume and evaluation
+# read it, so classes added to the folder later (which reshuffle the default split) never move a
+# training class into the test split.
+SPLIT_RECORD = "split.csv"
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -59,6 +66,26 @@ def check_folder(cfg: FewShotConfig) -> None:
     index = _folder_index(cfg)
     for split in ("train", "val", "test") if cfg.train.validate_every else ("train", "test"):
         index.check(split, *folder_needs(cfg, split))
+
+
+def record_split(cfg: FewShotConfig, run_dir: Path) -> None:
+    """Write the folder's split as the run trains on it to ``run_dir/split.csv``."""
+    index = _folder_index(cfg)
+    if not distributed.is_main():
+        return
+    with open(run_dir / SPLIT_RECORD, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "split"])
+        for split, ids in index.splits.items():
+            writer.writerows([index.classes[c], split] for c in ids)
+
+
+def with_recorded_split(cfg: FewShotConfig, run_dir: str | Path) -> FewShotConfig:
+    """``cfg`` reading a folder run's recorded split, where it has one (the run's config is unchanged)."""
+    recorded = Path(run_dir) / SPLIT_RECORD
+    if cfg.data.dataset != "folder" or not recorded.is_file():
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_file=str(recorded)))
 
 
 def load_split(cfg: FewShotConfig, split: str) -> Tensor:
@@ -131,18 +158,21 @@ def _test_lr(cfg: FewShotConfig):
 def train(
     cfg: FewShotConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, changes: dict | None = None
 ) -> bool:
+    data_cfg = with_recorded_split(cfg, run_dir) if resume else cfg  # the config itself stays as saved
     if cfg.data.dataset == "folder":
-        check_folder(cfg)  # before start_run writes anything
+        check_folder(data_cfg)  # before start_run writes anything
     run_dir = start_run(cfg, run_dir, resume, changes)
+    if cfg.data.dataset == "folder" and not resume:
+        record_split(cfg, run_dir)
     t = cfg.train
     torch.manual_seed(t.seed)
     learner = make_learner(cfg)
-    train_tasks = make_tasks(cfg, load_split(cfg, "train"), cfg.task.q_query)
+    train_tasks = make_tasks(cfg, load_split(data_cfg, "train"), cfg.task.q_query)
     validate = None
     if t.validate_every:
         # Validation under the paper's protocol (K queries per class) after the training step count,
         # on the same tasks each time so that scores are comparable; it selects best.pt.
-        val_tasks = make_tasks(cfg, load_split(cfg, "val"), cfg.task.k_shot)
+        val_tasks = make_tasks(cfg, load_split(data_cfg, "val"), cfg.task.k_shot)
 
         def validate() -> dict[str, float]:
             acc = accuracy_curve(
@@ -216,7 +246,7 @@ def evaluate(
     if models:
         raise ValueError("a few-shot run trains one model; evaluate it without --models")
     learner, cfg, source = load_learner(run_dir, device, overrides, iteration)
-    test_images = load_split(cfg, "test")
+    test_images = load_split(with_recorded_split(cfg, run_dir), "test")
     results = {
         "source": source,
         "eval": to_dict(cfg)["eval"],

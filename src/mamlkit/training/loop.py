@@ -187,6 +187,7 @@ class Trainer:
         show: tuple[str, ...] = ("loss",),
         nonfinite: str = "stop",
         hint: str = "",
+        wandb: str | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.learner, self.update, self.generator = learner, update, generator
@@ -198,6 +199,7 @@ class Trainer:
         self.deadline = deadline
         self.name, self.show = name, show
         self.nonfinite, self.hint = nonfinite, hint
+        self.wandb = wandb
         self.iteration = 0
 
     @property
@@ -329,7 +331,18 @@ class Trainer:
                 self.save()
             return True
         main = distributed.is_main()
-        log = MetricLog(self.run_dir, resume_from=self.iteration, log_every=self.log_every) if main else _NoLog()
+        log = (
+            MetricLog(
+                self.run_dir,
+                resume_from=self.iteration,
+                log_every=self.log_every,
+                wandb_project=self.wandb,
+                name=self.name,
+                config=self.metadata.get("config"),
+            )
+            if main
+            else _NoLog()
+        )
         bar = tqdm(
             total=self.iterations,
             initial=self.iteration,

@@ -32,7 +32,14 @@ class MetricLog:
     """
 
     def __init__(
-        self, run_dir: str | Path, resume_from: int = 0, tensorboard: bool = True, log_every: int | None = None
+        self,
+        run_dir: str | Path,
+        resume_from: int = 0,
+        tensorboard: bool = True,
+        log_every: int | None = None,
+        wandb_project: str | None = None,
+        name: str = "",
+        config: dict | None = None,
     ):
         self.path = Path(run_dir) / "metrics.csv"
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +70,7 @@ class MetricLog:
                 )
             except ImportError:  # tensorboard is optional at run time; the CSV always exists
                 self.writer = None
+        self.wandb = _wandb_run(Path(run_dir), wandb_project, name, config) if wandb_project else None
 
     def log(self, iteration: int, **values: float) -> None:
         row = {"iteration": iteration, **values}
@@ -78,6 +86,12 @@ class MetricLog:
                     self.writer.add_scalar(k, v, iteration)
             except Exception as e:  # TensorBoard is a view of the log: losing it must not stop training
                 self._drop_tensorboard(e)
+        if self.wandb is not None:
+            try:
+                self.wandb.log({"iteration": iteration, **values}, step=iteration)
+            except Exception as e:  # so is W&B
+                print(f"note: Weights & Biases logging stopped ({type(e).__name__}: {e}); {self.path.name} goes on")
+                self.wandb = None
 
     def _drop_tensorboard(self, e: Exception) -> None:
         print(
@@ -94,11 +108,33 @@ class MetricLog:
         self.header = header
 
     def close(self) -> None:
+        if self.wandb is not None:
+            with contextlib.suppress(Exception):
+                self.wandb.finish()
         if self.writer is not None:
             try:
                 self.writer.close()
             except Exception as e:
                 self._drop_tensorboard(e)
+
+
+WANDB_ID = "wandb-id"  # the W&B run of a model directory, so that a resume continues it
+
+
+def _wandb_run(run_dir: Path, project: str, name: str, config: dict | None):
+    """A W&B run for the model trained in ``run_dir``, resumed if an earlier start made one. Rows a
+    killed run logged after its last checkpoint stay in W&B (it cannot delete them), unlike in
+    metrics.csv and TensorBoard."""
+    import wandb
+
+    id_path = run_dir / WANDB_ID
+    run_id = id_path.read_text().strip() if id_path.exists() else wandb.util.generate_id()
+    if not id_path.exists():
+        write_file(id_path, run_id)
+    return wandb.init(
+        project=project, id=run_id, resume="allow", name=f"{run_dir.parent.name}/{name}" if name else None,
+        config=config, dir=str(run_dir),
+    )  # fmt: skip
 
 
 def check_log(path: Path, resume_from: int, log_every: int | None = None) -> tuple[list[str], list[dict], str]:

@@ -36,6 +36,7 @@ RESUMABLE = (
     "train.device",
     "train.threads",
     "train.nonfinite",
+    "train.wandb",
     "maml.strategy",
     "maml.compile",
     "maml.cuda_graphs",
