@@ -248,7 +248,7 @@ def run_args(run, root, *sets):
     return ["train", "folder-5way-1shot", "--out", str(run), "--quiet", *sets]
 
 
-def test_preset_trains_and_evaluates_through_the_cli(tmp_path, capsys):
+def test_preset_trains_and_evaluates_through_the_cli_on_the_split_it_trained_on(tmp_path, capsys):
     root = make_folder(tmp_path / "imgs", 30, 4)  # 19 train, 5 val, 6 test classes
     run = tmp_path / "run"
     assert cli.main(run_args(run, root)) == 0
@@ -258,6 +258,16 @@ def test_preset_trains_and_evaluates_through_the_cli(tmp_path, capsys):
     assert results["dataset"] == "folder" and results["source"]["iteration"] == 3
     paper = results["protocols"]["paper"]
     assert paper["query_per_class"] == 1 and len(paper["acc"]) == 3 and all(0 <= a <= 100 for a in paper["acc"])
+
+    # The split is recorded with the run; classes added to the folder later reshuffle the default
+    # split, but evaluation keeps the classes the run was tested on (no training class in its tests).
+    recorded = folder_module.read_split_file(run / "split.csv", [f"class{c:02d}" for c in range(30)])
+    index = folder_module.scan_folder(root)
+    assert recorded == {s: [index.classes[c] for c in ix] for s, ix in index.splits.items()}
+    make_folder(root, 40, 4)
+    assert folder_module.scan_folder(root).splits["test"] != index.splits["test"]
+    assert cli.main(["eval", str(run), "--name", "later"]) == 0
+    assert json.loads((run / "eval-later.json").read_text())["protocols"] == results["protocols"]
 
 
 def test_a_folder_too_small_for_the_test_tasks_stops_before_training(tmp_path, capsys):

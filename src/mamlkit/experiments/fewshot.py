@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -73,11 +74,13 @@ def record_split(cfg: FewShotConfig, run_dir: Path) -> None:
     index = _folder_index(cfg)
     if not distributed.is_main():
         return
-    with open(run_dir / SPLIT_RECORD, "w", newline="") as f:
+    tmp = run_dir / f".{SPLIT_RECORD}.tmp"  # then renamed: a crash never leaves half a split to resume from
+    with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "split"])
         for split, ids in index.splits.items():
             writer.writerows([index.classes[c], split] for c in ids)
+    os.replace(tmp, run_dir / SPLIT_RECORD)
 
 
 def with_recorded_split(cfg: FewShotConfig, run_dir: str | Path) -> FewShotConfig:
