@@ -85,7 +85,7 @@ class FolderIndex:
 
 @dataclass
 class FolderData(FolderIndex):
-    """:class:`FolderIndex` with the pixels: ``images`` holds every class's images, class after class."""
+    """``FolderIndex`` with the pixels: ``images`` holds every class's images, class after class."""
 
     images: Tensor  # [all images, channels, size, size] uint8 (scale by 1/255 per batch)
 
