@@ -341,6 +341,7 @@ def test_train_resume_eval_end_to_end(tmp_path, capsys):
     assert cli.main(["plot", str(out)]) == 0  # before any evaluation: the training curves alone
     assert (out / "plots" / "training_returns.png").exists()
     assert not (out / "plots" / "return_vs_steps.png").exists()
+    assert "has no eval.json" in capsys.readouterr().out
     assert cli.main(["eval", str(out)]) == 0
     res = json.loads((out / "eval.json").read_text())
     assert set(res["models"]) == {"maml", "pretrained", "oracle", "random"}

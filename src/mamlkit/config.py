@@ -61,6 +61,15 @@ def seed_spec(default: int, doc: str):
     return spec(default, low=0, high=SEED_HIGH, doc=doc)
 
 
+def wandb_spec():
+    """``train.wandb``, one setting of every experiment's training section."""
+    return spec(
+        None,
+        doc="a Weights & Biases project to log the metrics to as well (needs `pip install wandb`; a resume "
+        "continues the same W&B run); null = off",
+    )
+
+
 def _engine_default(name: str):
     """``MAML``'s own default for an option: the engine's signature is the one source of defaults."""
     return inspect.signature(MAML).parameters[name].default
@@ -126,11 +135,7 @@ class TrainConfig:
     time_limit: float = spec(
         0.0, low=0.0, doc="stop (checkpoint saved, resumable) after this many seconds of training; 0 = no limit"
     )
-    wandb: str | None = spec(
-        None,
-        doc="a Weights & Biases project to log the metrics to as well (needs `pip install wandb`; a resume "
-        "continues the same W&B run); null = off",
-    )
+    wandb: str | None = wandb_spec()
     nonfinite: str = spec(
         "stop",
         choices=("stop", "skip"),

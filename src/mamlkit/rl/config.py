@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ..config import ConfigError, MAMLConfig, check_models, check_pair, collect, seed_spec, spec
+from ..config import ConfigError, MAMLConfig, check_models, check_pair, collect, seed_spec, spec, wandb_spec
 from .families import FAMILIES
 
 # The models an RL run can train, in the order evaluation reports them, with their labels.
@@ -90,6 +90,7 @@ class RLTrainConfig:
         doc="seconds of training (all models together) after which it stops as Ctrl-C does, with a "
         "checkpoint that --resume continues; 0 = no limit",
     )
+    wandb: str | None = wandb_spec()
     nonfinite: str = spec(
         "stop",
         choices=("stop", "skip"),
