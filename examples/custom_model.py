@@ -5,7 +5,7 @@ plain ``nn.Module``, the meta-training loop (``MAML.meta_loss`` + any optimiser)
 adaptation on new tasks: ``adaptation_curve`` for the query loss after 0..n steps, and ``adapt``
 plus a forward pass with the adapted parameters for one task.
 
-    python examples/custom_model.py            # ~1 minute on a CPU
+    python examples/custom_model.py            # ~15 seconds on a CPU
     python examples/custom_model.py --quick    # a few seconds
 """
 
