@@ -44,7 +44,7 @@ demo: $(DEMO_STAMP)
 	$(BIN)/mamlkit plot runs/sinusoid-demo
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 
 # The whole suite: what CI runs (.ci/run).
 test: lint
