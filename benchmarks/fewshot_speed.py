@@ -82,7 +82,7 @@ def auto_choice(preset: str, device: str, extra: list[str]) -> str:
     tasks = fewshot.make_tasks(cfg, fewshot.load_split(cfg, "train"), cfg.task.q_query)
     learner.meta_backward(tasks.batch(cfg.train.meta_batch_size, torch.Generator(device).manual_seed(0)))
     ms = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in learner.strategy_timings.items())
-    return f"{preset}: auto picks **{learner.strategy}** ({ms} per meta-iteration in its measurement)"
+    return f"{preset}: auto picks **{learner.strategy}** ({ms} for the meta-gradient of its {PROBE_TASKS}-task probe)"
 
 
 def table(rows: list[dict]) -> str:
