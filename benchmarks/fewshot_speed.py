@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from report import write_section
 
+from mamlkit.engine.maml import PROBE_TASKS
 from mamlkit.experiments import fewshot, load_config
 from mamlkit.training import make_optimizer
 
