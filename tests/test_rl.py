@@ -613,6 +613,7 @@ def test_the_gain_column_appears_only_with_a_step_after_the_first(steps):
         "models": {"maml": model, "oracle": {"returns": [2.0], "ci95": [0.1], "iterations": 5}},
         "eval": {"num_tasks": 4, "trajectories": 2, "inner_lrs": [0.1]},
         "paper": {"maml": [0.0] * n},
+        "task_set": {"kind": "random", "seed": 0, "strata": ["all"], "counts": [4]},
     }
     table = [line for line in format_table(results).splitlines() if line.startswith("|")]
     assert ("− 1 step (paired)" in table[0]) == (steps > 1)

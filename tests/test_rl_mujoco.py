@@ -113,7 +113,7 @@ def test_tiny_halfcheetah_run_end_to_end(tmp_path):
         "train.meta_batch_size=2",
         "train.trajectories=2",
         "algo.cg_iters=2",
-        "eval.num_tasks=2",
+        "eval.num_tasks=4",
         "eval.steps=1",
         "eval.trajectories=2",
     ]
@@ -122,6 +122,15 @@ def test_tiny_halfcheetah_run_end_to_end(tmp_path):
     assert cli.main(["eval", str(out)]) == 0
     res = json.loads((out / "eval.json").read_text())
     assert res["env"] == "halfcheetah_vel" and len(res["models"]["maml"]["returns"]) == 2
+    # A balanced set: the goal thirds hold 2, 1 and 1 of the 4 tasks, each reported on its own.
+    ts = res["task_set"]
+    assert ts["kind"] == "balanced" and ts["counts"] == [2, 1, 1]
+    strata = res["models"]["maml"]["strata"]
+    assert [strata[label]["tasks"] for label in ts["strata"]] == [2, 1, 1]
+    per_task = torch.tensor(res["models"]["maml"]["per_task"], dtype=torch.float64)
+    third = [per_task[[i for i, h in enumerate(ts["stratum_of_task"]) if h == k]].mean(0) for k in range(3)]
+    assert res["models"]["maml"]["returns"] == pytest.approx((sum(third) / 3).tolist())
+    assert "By stratum" in (out / "eval.md").read_text() and "goal 0–0.667 (2)" in (out / "eval.md").read_text()
 
 
 def test_halfcheetah_training_is_reproducible_and_resumes_exactly(tmp_path):

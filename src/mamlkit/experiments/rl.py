@@ -19,10 +19,11 @@ from ..engine import MAML
 from ..rl.config import MODELS, UNTRAINED, RLConfig
 from ..rl.metabatch import MetaTRPOUpdate, adaptation_returns, advantage_fn, tune_inner_lrs
 from ..rl.policy import GaussianMLPPolicy, reinforce_loss
+from ..rl.task_sets import TaskSet, make_task_set, per_stratum, stratified_mean_ci
 from ..rl.tasks import MujocoTasks, NavigationTasks, make_tasks
 from ..rl.trpo import MetaTRPO
 from ..training import checkpoint as ckpt
-from ..training import checkpoint_file, mean_ci
+from ..training import checkpoint_file
 from ..training.runs import eval_figures, read_eval, write_eval
 from . import build_maml, load_run, steps_label, train_models, trained_models
 
@@ -127,10 +128,11 @@ def evaluate(
     name: str | None = None,
     iteration: int | None = None,
 ) -> dict:
-    """Returns on ``eval.num_tasks`` fixed test tasks after 0..``eval.steps`` gradient steps for each
-    trained model (mean ± 95% CI over tasks); the oracle takes no step. With ``eval.tune_inner_lrs``
-    each model's step sizes are first chosen on validation tasks. Writes eval.json and eval.md
-    (``eval-NAME.*`` with ``name``)."""
+    """Returns on ``eval.num_tasks`` fixed test tasks (``eval.task_set``: balanced or random, see
+    ``rl.task_sets``) after 0..``eval.steps`` gradient steps for each trained model: the task
+    distribution's mean ± 95% CI, and the same within each stratum (goal third, direction); the
+    oracle takes no step. With ``eval.tune_inner_lrs`` each model's step sizes are first chosen on
+    validation tasks drawn the same way. Writes eval.json and eval.md (``eval-NAME.*`` with ``name``)."""
     run_dir = Path(run_dir)
     kinds = trained_models(run_dir, MODELS, models, iteration, untrained=UNTRAINED)
     results: dict = {"models": {}}
@@ -142,23 +144,26 @@ def evaluate(
         results["env"] = cfg.env.name
         results["paper"] = PAPER[cfg.env.name]
         # The same test tasks and the same action noise stream for every model.
-        tasks = family.sample(e.num_tasks, torch.Generator().manual_seed(e.seed)).to(cfg.train.device)
+        ts = make_task_set(cfg.env.name, family, e.num_tasks, e.seed, e.task_set)
+        tasks = ts.tasks.to(cfg.train.device)
         # Row i of every model's per_task is test task i: its goal velocity, direction or position.
         results["test_tasks"] = tasks.cpu().tolist()
+        results["task_set"] = ts.describe()
         g = torch.Generator(cfg.train.device).manual_seed(e.seed + 1)
         t0 = time.perf_counter()
         steps = 0 if kind == "oracle" else e.steps
         lrs, tuning = list(e.model_inner_lrs.get(kind, e.inner_lrs)), None
         if e.tune_inner_lrs and steps:
-            val_tasks = family.sample(e.num_tasks, torch.Generator().manual_seed(e.tune_seed)).to(cfg.train.device)
+            val_tasks = make_task_set(cfg.env.name, family, e.num_tasks, e.tune_seed, e.task_set).tasks
+            val_tasks = val_tasks.to(cfg.train.device)
             val_g = torch.Generator(cfg.train.device).manual_seed(e.tune_seed + 1)
             lrs, tuning = tune_inner_lrs(
                 learner, family, val_tasks, e.trajectories, steps, e.tune_inner_lrs, adv, val_g
             )
         returns = adaptation_returns(learner, family, tasks, e.trajectories, steps, lrs, adv, g)
-        mean, ci = mean_ci(returns.cpu())
+        mean, ci = stratified_mean_ci(returns.cpu(), ts)
         # Does adapting further help? Paired over tasks, so the tasks' spread cancels.
-        gain = mean_ci(returns[:, -1] - returns[:, 1]) if steps >= 2 else None
+        gain = stratified_mean_ci((returns[:, -1] - returns[:, 1]).cpu(), ts) if steps >= 2 else None
         results["models"][kind] = {
             "iterations": trained_for,
             "first_order": cfg.maml.first_order if kind == "maml" else None,
@@ -167,17 +172,18 @@ def evaluate(
             "returns": mean.tolist(),
             "ci95": ci.tolist(),
             "gain_after_step_1": [gain[0].item(), gain[1].item()] if gain else None,
+            "strata": per_stratum(returns.cpu(), ts),
             "per_task": returns.cpu().tolist(),
             "eval_s": time.perf_counter() - t0,
         }
         per_task[kind] = returns.cpu()
     if "maml" in per_task:
-        results["maml_minus"] = maml_minus(per_task)
+        results["maml_minus"] = maml_minus(per_task, ts)
     write_eval(run_dir, results, format_table(results), name)
     return results
 
 
-def maml_minus(per_task: dict[str, Tensor]) -> dict:
+def maml_minus(per_task: dict[str, Tensor], ts: TaskSet) -> dict:
     """MAML's return minus each other model's after the same number of steps (the oracle's only
     value for every step), paired over the shared test tasks: ``{model: {"mean", "ci95"}}``.
     Pairing cancels how hard each task is, so a gap can be clear where the two CIs overlap."""
@@ -187,7 +193,7 @@ def maml_minus(per_task: dict[str, Tensor]) -> dict:
         if kind == "maml":
             continue
         steps = maml.shape[1] if other.shape[1] == 1 else min(maml.shape[1], other.shape[1])
-        mean, ci = mean_ci(maml[:, :steps] - other[:, :steps].expand(-1, steps))
+        mean, ci = stratified_mean_ci(maml[:, :steps] - other[:, :steps].expand(-1, steps), ts)
         out[kind] = {"mean": mean.tolist(), "ci95": ci.tolist()}
     return out
 
@@ -203,8 +209,13 @@ def format_table(results: dict) -> str:
         else f"step sizes {e['inner_lrs']}" + "".join(f", {k} {v}" for k, v in e.get("model_inner_lrs", {}).items())
     )
     gains = steps > 2  # a gain after step 1 needs a later step: with one step the column is empty
+    ts = results["task_set"]
+    split = ", ".join(f"{c} {label}" for c, label in zip(ts["counts"], ts["strata"]))
+    one = len(ts["strata"]) == 1
+    drawn = f"{ts['kind']} draw, seed {ts['seed']}" if one else f"balanced: {split}; seed {ts['seed']}"
+    ci = "stratified 95% CI" if len(ts["strata"]) > 1 else "95% CI over tasks"
     head = (
-        f"Mean return on {e['num_tasks']} test tasks (± 95% CI over tasks), "
+        f"Mean return on {e['num_tasks']} test tasks ({drawn}; ± {ci}), "
         f"{e['trajectories']} trajectories per step, {sizes}; "
         "the oracle takes no step. Paper: cbfinn/maml_rl result files.\n\n"
         "| model | meta-iterations | step sizes | "
@@ -225,7 +236,30 @@ def format_table(results: dict) -> str:
     for kind, ref in results.get("paper", {}).items():
         cells = ["–" if r is None else f"{r:g}" for r in ref[:steps]] + [""] * (steps - len(ref[:steps]))
         lines.append(f"| paper: {MODELS[kind]} | 500 (max) | | " + " | ".join(cells) + (" | |" if gains else " |"))
-    return head + "\n".join(lines) + "\n" + _paired_table(results.get("maml_minus", {}), steps)
+    return (
+        head
+        + "\n".join(lines)
+        + "\n"
+        + _paired_table(results.get("maml_minus", {}), steps)
+        + _strata_table(models, ts["strata"], steps)
+    )
+
+
+def _strata_table(models: dict, strata: list[str], steps: int) -> str:
+    """Each model's mean return within each stratum (goal third, direction): where it is strong or weak."""
+    if len(strata) < 2:
+        return ""
+    head = (
+        "\nBy stratum: mean return on the test tasks of each part of the task distribution (± 95% CI).\n\n"
+        "| model | tasks | " + " | ".join(map(steps_label, range(steps))) + " |\n|---|---|" + "---|" * steps + "\n"
+    )
+    lines = []
+    for kind, m in models.items():
+        for label in strata:
+            d = m["strata"][label]
+            cells = [f"{r:.2f} ± {c:.2f}" for r, c in zip(d["returns"], d["ci95"])] + [""] * (steps - len(d["returns"]))
+            lines.append(f"| {MODELS[kind]} | {label} ({d['tasks']}) | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
 
 
 def _paired_table(diffs: dict, steps: int) -> str:

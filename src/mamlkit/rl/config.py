@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from ..config import ConfigError, MAMLConfig, check_models, check_pair, collect, seed_spec, spec, wandb_spec
-from .families import FAMILIES
+from .families import FAMILIES, NAVIGATION, VARIANTS
+from .task_sets import strata_count
 
 # The models an RL run can train, in the order evaluation reports them, with their labels.
 MODELS = {"maml": "MAML", "pretrained": "pretrained", "random": "random init", "oracle": "oracle"}
@@ -31,11 +32,20 @@ class RLEnvConfig:
         doc="navigation: the policy acts in [-1, 1], scaled by max_action then clipped (rllab's normalize(), "
         "as in cbfinn/maml_rl's point env); false = its action is clipped directly to +-max_action",
     )
+    variant: str = spec(
+        "gym",
+        choices=VARIANTS,
+        doc="MuJoCo: gym = gymnasium's HalfCheetah-v5/Ant-v5 models and observations with the official code's "
+        "step, clipping and reward weights; paper = rllab's own environments as the official code ran them "
+        "(rllab's model files, observations of 20/125 numbers, torso centre-of-mass velocity, rllab's reset "
+        "noise; docs/protocol.md#rl-mujoco)",
+    )
     frame_skip: int = spec(
         0,
         low=0,
         doc="MuJoCo: simulator steps per environment step; 0 = the official code's (rllab's models: "
-        "half-cheetah 1 = 0.01 s, ant 2 = 0.02 s); gymnasium's own default is 5",
+        "half-cheetah 1 = 0.01 s, ant 2 = 0.02 s on gymnasium's 0.01 s models, 1 on the paper variant's "
+        "0.02 s ant); gymnasium's own default is 5",
     )
     sim_threads: int = spec(
         0,
@@ -101,7 +111,14 @@ class RLTrainConfig:
 
 @dataclass
 class RLEvalConfig:
-    num_tasks: int = spec(40, low=1, doc="fixed test tasks")
+    num_tasks: int = spec(40, low=1, doc="fixed test tasks (and validation tasks for tune_inner_lrs)")
+    task_set: str = spec(
+        "balanced",
+        choices=("balanced", "random"),
+        doc="how the test and validation tasks are drawn: balanced = an equal share per goal third (velocity) or "
+        "per direction, uniform goals for 2D navigation, with stratified intervals; random = a uniform draw "
+        "(evaluations before 2026-12-04)",
+    )
     steps: int = spec(3, low=0, doc="gradient steps at test (returns after 0..steps)")
     trajectories: int = spec(20, low=1, doc="trajectories per task per gradient step")
     inner_lrs: list[float] = spec(
@@ -149,6 +166,11 @@ class RLConfig:
         problems: list[str] = []
         collect(problems, check_models, self.models, MODELS)
         collect(problems, check_pair, self.env.goal_range, "env.goal_range")
+        if self.env.name == NAVIGATION and self.env.variant != "gym":
+            problems.append(
+                f"env.variant={self.env.variant}: the variants are of the MuJoCo families; navigation2d has "
+                "only 'gym' (its one definition)"
+            )
         if self.env.name != "navigation2d" and self.train.device == "auto":
             self.train.device = "cpu"  # the MuJoCo sampler's policy runs on the CPU, beside the simulator
         if self.env.name != "navigation2d" and self.train.device != "cpu":
@@ -172,6 +194,12 @@ class RLConfig:
             problems.append(
                 f"eval.tune_inner_lrs: step sizes must be positive, got {self.eval.tune_inner_lrs} "
                 "([] = no tuning: eval.inner_lrs are used)"
+            )
+        strata = strata_count(self.env.name, self.eval.task_set)
+        if self.eval.num_tasks < strata:
+            problems.append(
+                f"eval.num_tasks={self.eval.num_tasks}: a balanced set of {self.env.name} tasks has {strata} strata "
+                f"and needs a task in each; use eval.num_tasks >= {strata}, or eval.task_set=random"
             )
         if self.eval.tune_inner_lrs and self.eval.tune_seed == self.eval.seed:
             problems.append("eval.tune_seed equals eval.seed: step sizes would be chosen on the test tasks")
