@@ -212,7 +212,7 @@ def format_table(results: dict) -> str:
     ts = results["task_set"]
     split = ", ".join(f"{c} {label}" for c, label in zip(ts["counts"], ts["strata"]))
     one = len(ts["strata"]) == 1
-    drawn = f"{ts['kind']} draw, seed {ts['seed']}" if one else f"balanced: {split}; seed {ts['seed']}"
+    drawn = f"uniform draw, seed {ts['seed']}" if one else f"balanced: {split}; seed {ts['seed']}"
     ci = "stratified 95% CI" if len(ts["strata"]) > 1 else "95% CI over tasks"
     head = (
         f"Mean return on {e['num_tasks']} test tasks ({drawn}; ± {ci}), "

@@ -58,14 +58,6 @@ class TaskSet:
             "stratum_of_task": self.stratum.tolist(),
         }
 
-    def summary(self) -> str:
-        """One phrase for a table's heading: '120 test tasks, 40 per goal third'."""
-        n, counts = len(self.tasks), self.counts()
-        if len(self.labels) == 1:
-            return f"{n} test tasks ({self.kind} draw, seed {self.seed})"
-        split = ", ".join(f"{c} {label}" for c, label in zip(counts, self.labels))
-        return f"{n} test tasks, balanced ({split}; seed {self.seed})"
-
 
 def strata_count(env_name: str, kind: str) -> int:
     """How many strata a set of this kind has for this family."""
