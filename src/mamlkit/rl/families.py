@@ -3,6 +3,7 @@ registration read. Light on purpose (no gymnasium or MuJoCo import)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 NAVIGATION = "navigation2d"
@@ -26,6 +27,13 @@ class MujocoFamily:
     @property
     def velocity(self) -> bool:
         return self.key == "velocity"
+
+    def env_id_of(self, variant: str) -> str:
+        """The gymnasium id of this family in a variant: ``mamlkit/AntDir-v0``, ``mamlkit/AntDirPaper-v0``."""
+        return self.env_id if variant == "gym" else self.env_id.replace("-v0", "Paper-v0")
+
+    def env_class_of(self, variant: str) -> str:
+        return self.env_class if variant == "gym" else self.env_class.replace("Env", "PaperEnv")
 
 
 MUJOCO: dict[str, MujocoFamily] = {
@@ -54,3 +62,23 @@ ANT_CONTACT = 5e-4
 ANT_CONTACT_RANGE = (-1.0, 1.0)
 ANT_HEALTHY_Z = (0.2, 1.0)
 ANT_MAIN_BODY = 1  # the torso: its x position gives the ant's velocity
+
+# The variants of the MuJoCo families (``env.variant``): "gym", the definitions above on
+# gymnasium's models; "paper", rllab's own environments as the official code defined them
+# (docs/protocol.md#rl-mujoco): rllab's model files redrawn under rl/models/, rllab's
+# observations (with the torso's centre of mass; the ant's with contact forces, orientation and
+# root position), the velocity of the torso's subtree centre of mass (rllab's
+# ``get_body_comvel``), rllab's reset noise, and every derived quantity taken after a
+# ``mj_forward`` at the new state, as rllab's ``forward_dynamics`` did.
+VARIANTS = ("gym", "paper")
+PAPER_XML = {"halfcheetah": "half_cheetah.xml", "ant": "ant.xml"}
+PAPER_FRAME_SKIP = {"halfcheetah": 1, "ant": 1}  # rllab's files: 0.01 s Euler, 0.02 s RK4
+# rllab's MujocoEnv.reset_mujoco: qpos = init_qpos + 0.01 N(0, 1), qvel = init_qvel + 0.1 N(0, 1)
+PAPER_QPOS_NOISE = 0.01
+PAPER_QVEL_NOISE = 0.1
+PAPER_BODY = "torso"  # the body whose subtree centre of mass gives the velocity and the observation
+
+
+def paper_model_path(robot: str) -> str:
+    """The file of the paper variant's ``robot`` (package data under ``mamlkit/rl/models``)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", PAPER_XML[robot])

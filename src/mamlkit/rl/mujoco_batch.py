@@ -9,6 +9,11 @@ together in numpy. ``batched_rollout`` runs tasks × trajectories episodes with 
 called once per time step for all of them, each task with its own (adapted) parameters.
 ``BatchedMujocoTasks`` is a drop-in for ``tasks.MujocoTasks`` built on them.
 
+``variant="paper"`` (``env.variant: paper``) holds the paper variant of the family instead:
+rllab's models, observations, centre-of-mass velocity and reset noise, reproducing the
+``*PaperEnv`` classes of ``mujoco_tasks.py`` in the same way (``tests/test_mujoco_paper.py``);
+its back ends are ``"capi"`` (the default) and ``"threads"``.
+
 Simulator back ends (``mujoco_sim``), all bit-identical to gymnasium's environments:
 ``"batch"`` (MuJoCo >= 4's ``mujoco.batch``; the half-cheetah's default), ``"capi"`` (the same
 batch through MuJoCo's C API, which can compute the ant's contact forces; the ant's default) and
@@ -35,10 +40,25 @@ from .families import (
     CHEETAH_CTRL,
     FRAME_SKIP,
     MUJOCO,
+    PAPER_BODY,
+    PAPER_FRAME_SKIP,
+    PAPER_QPOS_NOISE,
+    PAPER_QVEL_NOISE,
     RESET_NOISE,
+    VARIANTS,
     XML,
+    paper_model_path,
 )
-from .mujoco_sim import _BatchSim, _CapiSim, _ThreadSim, default_threads, has_batch, has_capi, load_model
+from .mujoco_sim import (
+    _BatchSim,
+    _CapiSim,
+    _ThreadSim,
+    default_threads,
+    has_batch,
+    has_capi,
+    initial_qpos,
+    load_model,
+)
 from .policy import TaskPolicy
 from .sampler import Episodes, task_noise
 
@@ -57,6 +77,8 @@ class BatchedMujoco:
     ``backend`` (see the module's docstring): ``"batch"`` (the half-cheetah's default with
     MuJoCo >= 4), ``"capi"`` (the ant's), ``"threads"`` (any family; the only one with MuJoCo 3).
     ``threads``: simulation threads, the caller's included (default: the CPUs this process may use).
+    ``variant``: ``"gym"`` (gymnasium's models and definitions) or ``"paper"`` (rllab's; the
+    module's docstring).
     """
 
     def __init__(
@@ -66,10 +88,17 @@ class BatchedMujoco:
         frame_skip: int | None = None,
         threads: int | None = None,
         backend: str | None = None,
+        variant: str = "gym",
     ):
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: one of {', '.join(map(repr, VARIANTS))}, got {variant!r}")
+        self.name, self.family, self.n = task_name, MUJOCO[task_name], n_copies
+        self.variant = variant
+        if variant == "paper":
+            self._init_paper(n_copies, frame_skip, threads, backend)
+            return
         from gymnasium.envs.mujoco.mujoco_env import expand_model_path
 
-        self.name, self.family, self.n = task_name, MUJOCO[task_name], n_copies
         fam = self.family
         self.frame_skip = int(frame_skip or FRAME_SKIP[fam.robot])
         self.model = load_model(expand_model_path(XML[fam.robot]))
@@ -97,6 +126,39 @@ class BatchedMujoco:
         self.tasks = np.zeros(n_copies)
         self._x = np.zeros(n_copies)  # x of the velocity body before the step
 
+    def _init_paper(self, n_copies: int, frame_skip: int | None, threads: int | None, backend: str | None) -> None:
+        """The paper variant: rllab's model file, its init_qpos, the torso's subtree quantities."""
+        import mujoco
+
+        fam = self.family
+        self.frame_skip = int(frame_skip or PAPER_FRAME_SKIP[fam.robot])
+        self.model = m = load_model(paper_model_path(fam.robot))
+        self.dt = m.opt.timestep * self.frame_skip
+        self.init_qpos, self.init_qvel = initial_qpos(m), np.zeros(m.nv)
+        bounds = m.actuator_ctrlrange.copy().astype(np.float32)
+        self.low, self.high = bounds.T
+        self.act_dim = m.nu
+        self.torso = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_BODY, PAPER_BODY)
+        # rllab's get_current_obs: the ant's qpos, qvel, clipped cfrc_ext of every body, the torso's
+        # rotation matrix and centre of mass; the half-cheetah's qpos[1:], qvel, centre of mass
+        self.obs_dim = (m.nq + m.nv + 6 * m.nbody + 9 + 3) if fam.ant else (m.nq - 1 + m.nv + 3)
+        self.threads = threads or default_threads()
+        if backend is None:
+            backend = "capi" if has_capi() else "threads"
+        if backend == "capi":
+            self.sim = _CapiSim(m, n_copies, self.threads, self.frame_skip, paper=True, need_cfrc=fam.ant)
+        elif backend == "threads":
+            self.sim = _ThreadSim(m, n_copies, self.threads, self.frame_skip, need_cfrc=fam.ant, paper=True)
+        elif backend == "batch":
+            raise ValueError(
+                "the paper variant needs mj_forward, the subtree velocities (and the ant's cfrc_ext) after "
+                "every step: use backend='capi' or 'threads'"
+            )
+        else:
+            raise ValueError(f"backend: 'capi' or 'threads', got {backend!r}")
+        self.backend = backend
+        self.tasks = np.zeros(n_copies)
+
     def _index(self, active) -> np.ndarray:
         if active is None:
             return np.arange(self.n)
@@ -111,6 +173,8 @@ class BatchedMujoco:
         """New episodes -> ``obs [n, d]``: gymnasium's ``reset_model`` (qpos + U(-0.1, 0.1),
         qvel + 0.1 N(0, 1)) with one generator per copy seeded ``seeds[i]``, or all from ``rng``."""
         ids = self._index(active)
+        if self.variant == "paper":
+            return self._reset_paper(ids, seeds, rng)
         m, k = self.model, len(ids)
         lo, hi = -RESET_NOISE, RESET_NOISE
         if seeds is not None:
@@ -132,6 +196,69 @@ class BatchedMujoco:
         obs = np.zeros((self.n, self.obs_dim))
         obs[ids] = self._obs(ids)
         return obs
+
+    def _reset_paper(self, ids: np.ndarray, seeds, rng) -> np.ndarray:
+        """rllab's ``reset_mujoco``: ``init_qpos + 0.01 N(0, 1)`` and ``0.1 N(0, 1)`` velocities
+        (qpos's normals drawn first), then ``mj_forward``; one generator per copy as gymnasium's
+        ``reset(seed=s)``, or all from ``rng``."""
+        m, k = self.model, len(ids)
+        if seeds is not None:
+            if len(seeds) != k:
+                raise ValueError(f"{k} copies to reset, {len(seeds)} seeds")
+            zq, zv = np.empty((k, m.nq)), np.empty((k, m.nv))
+            for j, s in enumerate(seeds):
+                g = np.random.default_rng(int(s))
+                zq[j] = g.standard_normal(m.nq)
+                zv[j] = g.standard_normal(m.nv)
+        else:
+            rng = rng if rng is not None else np.random.default_rng()
+            zq, zv = rng.standard_normal((k, m.nq)), rng.standard_normal((k, m.nv))
+        qpos = self.init_qpos + zq * PAPER_QPOS_NOISE
+        qvel = self.init_qvel + zv * PAPER_QVEL_NOISE
+        self.sim.reset(ids, qpos, qvel)
+        obs = np.zeros((self.n, self.obs_dim))
+        obs[ids] = self._obs_paper(ids)
+        return obs
+
+    def _obs_paper(self, ids: np.ndarray, contact: np.ndarray | None = None) -> np.ndarray:
+        """rllab's ``get_current_obs`` (see ``_init_paper``), from the state after ``mj_forward``."""
+        sim, k, b = self.sim, len(ids), self.torso
+        if not k:
+            return np.zeros((0, self.obs_dim))
+        qpos, qvel, com = sim.qpos[ids], sim.qvel[ids], sim.subtree_com[ids, b]
+        if not self.family.ant:
+            return np.concatenate([qpos[:, 1:], qvel, com], 1)
+        if contact is None:
+            contact = np.clip(sim.cfrc_ext[ids], *ANT_CONTACT_RANGE)
+        return np.concatenate([qpos, qvel, contact.reshape(k, -1), sim.xmat[ids, b], com], 1)
+
+    def _step_paper(self, ids: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The official code's rewards with the torso's centre-of-mass velocity (rllab's
+        ``get_body_comvel``): velocity ``-|v - goal|`` (+1 for the ant), direction ``d v``; the
+        half-cheetah's ``0.05 ||a||²``; the ant's ``0.005 ||a||²``, ``5e-4 ||clip(cfrc_ext)||²`` and a
+        survival bonus of 0.05 on every step, the terminal one included; the ant's episode ends when
+        its state is not finite or the torso's height leaves [0.2, 1.0]."""
+        fam, sim, n, k = self.family, self.sim, self.n, len(ids)
+        sim.step(ids, a)
+        v = sim.subtree_linvel[ids, self.torso, 0]
+        task = self.tasks[ids]
+        forward = (-np.abs(v - task) + fam.offset) if fam.velocity else task * v
+        obs, reward, terminated = np.zeros((n, self.obs_dim)), np.zeros(n), np.zeros(n, dtype=bool)
+        if not fam.ant:
+            ctrl = CHEETAH_CTRL * np.square(a).sum(-1).astype(np.float64)
+            reward[ids] = forward - ctrl
+            obs[ids] = self._obs_paper(ids)
+            return obs, reward, terminated
+        qpos, qvel = sim.qpos[ids], sim.qvel[ids]
+        contact_forces = np.clip(sim.cfrc_ext[ids], *ANT_CONTACT_RANGE)
+        ctrl = ANT_CTRL * np.square(a).sum(-1).astype(np.float64)  # as the env class's: float(sum)
+        contact = ANT_CONTACT * np.square(contact_forces).reshape(k, -1).sum(-1)
+        reward[ids] = forward - ctrl - contact + ANT_SURVIVE
+        finite = np.isfinite(qpos).all(1) & np.isfinite(qvel).all(1)
+        healthy = finite & (ANT_HEALTHY_Z[0] <= qpos[:, 2]) & (qpos[:, 2] <= ANT_HEALTHY_Z[1])
+        terminated[ids] = ~healthy
+        obs[ids] = self._obs_paper(ids, contact_forces)
+        return obs, reward, terminated
 
     def _obs(self, ids: np.ndarray, contact: np.ndarray | None = None) -> np.ndarray:
         """gymnasium's ``_get_obs``: cheetah ``qpos[1:], qvel``; ant ``qpos[2:], qvel`` and the
@@ -158,6 +285,8 @@ class BatchedMujoco:
         if len(actions) != len(ids):
             actions = actions[ids]
         a = np.clip(actions, self.low, self.high)
+        if self.variant == "paper":
+            return self._step_paper(ids, a)
         fam, sim = self.family, self.sim
         sim.step(ids, a)
         if fam.ant:

@@ -16,6 +16,12 @@
 Each has ``reset(ids, qpos, qvel)``, ``step(ids, ctrl)`` and the arrays ``qpos``, ``qvel`` (and
 ``xpos``, ``cfrc_ext`` where the ant needs them) with one row per copy. Their speeds:
 BENCHMARKS.md, "Batched MuJoCo sampler".
+
+``paper=True`` (``_CapiSim`` and ``_ThreadSim``; ``env.variant: paper``) steps as rllab's
+``forward_dynamics`` did: ``mj_step``, then ``mj_forward`` at the new state (MuJoCo 1.31's
+forward also computed the contact forces: ``mj_rnePostConstraint`` where ``cfrc_ext`` is needed)
+and ``mj_subtreeVel``, and gives ``xmat``, ``subtree_com`` and ``subtree_linvel`` too, all at the
+new state. A reset ends with the same ``mj_forward`` (and ``mj_rnePostConstraint``).
 """
 
 from __future__ import annotations
@@ -44,6 +50,19 @@ def load_model(path: str) -> mujoco.MjModel:
         mujoco.mj_setTotalmass(model, total)
         mujoco.mj_setConst(model, mujoco.MjData(model))
     return model
+
+
+def initial_qpos(model: mujoco.MjModel) -> np.ndarray:
+    """The state a reset starts from, as rllab's ``MujocoEnv`` took it: the model's custom numeric
+    ``init_qpos`` when the file has one, else ``qpos0`` (rllab's ant.xml has one; gymnasium's
+    Ant-v5 ignores the same numeric in its file and starts from ``qpos0``)."""
+    i = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_NUMERIC, "init_qpos")
+    if i < 0:
+        return model.qpos0.copy()
+    adr, size = int(model.numeric_adr[i]), int(model.numeric_size[i])
+    if size != model.nq:
+        raise ValueError(f"the model's init_qpos has {size} numbers, its qpos {model.nq}")
+    return model.numeric_data[adr : adr + size].astype(np.float64)
 
 
 def has_batch() -> bool:
@@ -133,6 +152,7 @@ def _capi():
     # called by mjb_apply as an mjfBatchFunc (m, d, sim, arg): the two extra arguments are
     # ignored under the C calling conventions (the caller passes and removes them)
     lib.rne_post_constraint = ctypes.cast(lib.mj_rnePostConstraint, vp)
+    lib.subtree_vel = ctypes.cast(lib.mj_subtreeVel, vp)  # the same, for the paper variant's velocity
     _CAPI = lib
     return lib
 
@@ -147,15 +167,27 @@ class _CapiSim:
     ``mjb_step`` then ``mjb_apply(mj_rnePostConstraint)`` on the C thread pool, as gymnasium's
     ``mj_step`` + ``mj_rnePostConstraint`` on each copy's own data; ``mjb_forward`` at stage
     ``mjSTAGE_NONE`` (nothing recomputed) then copies the outputs (``mjb_apply`` does not).
-    ``mujoco.batch.Batch`` wraps the same batch but not ``mjb_apply``."""
+    ``mujoco.batch.Batch`` wraps the same batch but not ``mjb_apply``.
 
-    def __init__(self, model: mujoco.MjModel, n: int, threads: int, frame_skip: int):
+    ``paper``: ``mjb_step`` computes ``mj_forward`` at the new state, then ``mjb_apply`` runs
+    ``mj_rnePostConstraint`` (``need_cfrc``) and ``mj_subtreeVel`` (see the module's docstring)."""
+
+    def __init__(
+        self,
+        model: mujoco.MjModel,
+        n: int,
+        threads: int,
+        frame_skip: int,
+        paper: bool = False,
+        need_cfrc: bool = True,
+    ):
         import ctypes
 
         lib = _capi()
         if lib is None:
             raise RuntimeError("MuJoCo's batch C API (MuJoCo >= 4) is not available")
         self.lib, self.n, self.frame_skip = lib, n, frame_skip
+        self.paper, self.need_cfrc = paper, need_cfrc or not paper
         err = ctypes.create_string_buffer(1000)
         self.ptr = lib.mjb_makeBatch(model._address, n, ctypes.byref(lib.Config(threads, 1)), err, len(err))
         if not self.ptr:
@@ -182,7 +214,11 @@ class _CapiSim:
         S = mujoco.mjtState
         self.qpos, self.qvel, self.ctrl = (component(c) for c in (S.mjSTATE_QPOS, S.mjSTATE_QVEL, S.mjSTATE_CTRL))
         self.xpos = output("xpos", (model.nbody, 3))
-        self.cfrc_ext = output("cfrc_ext", (model.nbody, 6))
+        self.cfrc_ext = output("cfrc_ext", (model.nbody, 6)) if self.need_cfrc else None
+        if paper:
+            self.xmat = output("xmat", (model.nbody, 9))
+            self.subtree_com = output("subtree_com", (model.nbody, 3))
+            self.subtree_linvel = output("subtree_linvel", (model.nbody, 3))
 
     def _call(self, name: str, ids: np.ndarray, *args) -> None:
         sel = None if len(ids) == self.n else np.ascontiguousarray(ids, dtype=np.int32)
@@ -199,9 +235,19 @@ class _CapiSim:
         self._call("mjb_reset", ids, None, int(mujoco.mjtStage.mjSTAGE_NONE))
         self.qpos[ids], self.qvel[ids] = qpos, qvel
         self._call("mjb_forward", ids, int(mujoco.mjtStage.mjSTAGE_ACC))
+        if self.paper and self.need_cfrc:  # rllab's reset: 1.31's forward gave the contact forces
+            self._call("mjb_apply", ids, self.lib.rne_post_constraint, None, 0)
+            self._call("mjb_forward", ids, int(mujoco.mjtStage.mjSTAGE_NONE))
 
     def step(self, ids: np.ndarray, ctrl: np.ndarray) -> None:
         self.ctrl[ids] = ctrl
+        if self.paper:
+            self._call("mjb_step", ids, self.frame_skip, int(mujoco.mjtStage.mjSTAGE_ACC))
+            if self.need_cfrc:
+                self._call("mjb_apply", ids, self.lib.rne_post_constraint, None, 0)
+            self._call("mjb_apply", ids, self.lib.subtree_vel, None, 0)
+            self._call("mjb_forward", ids, int(mujoco.mjtStage.mjSTAGE_NONE))
+            return
         self._call("mjb_step", ids, self.frame_skip, int(mujoco.mjtStage.mjSTAGE_NONE))
         self._call("mjb_apply", ids, self.lib.rne_post_constraint, None, 0)
         self._call("mjb_forward", ids, int(mujoco.mjtStage.mjSTAGE_NONE))  # copies the outputs out
@@ -219,8 +265,10 @@ def _as_array(addr: int, shape: tuple) -> np.ndarray:
 class _ThreadSim:
     """One ``MjData`` per copy, stepped from ``threads`` Python threads (MuJoCo releases the GIL)."""
 
-    def __init__(self, model: mujoco.MjModel, n: int, threads: int, frame_skip: int, need_cfrc: bool):
-        self.model, self.frame_skip, self.need_cfrc = model, frame_skip, need_cfrc
+    def __init__(
+        self, model: mujoco.MjModel, n: int, threads: int, frame_skip: int, need_cfrc: bool, paper: bool = False
+    ):
+        self.model, self.frame_skip, self.need_cfrc, self.paper = model, frame_skip, need_cfrc, paper
         self.datas = [mujoco.MjData(model) for _ in range(n)]
         self.qpos = np.zeros((n, model.nq))
         self.qvel = np.zeros((n, model.nv))
@@ -228,6 +276,11 @@ class _ThreadSim:
         self.cfrc_ext = np.zeros((n, model.nbody, 6))
         # each copy's MjData arrays, fetched once (an attribute access builds a new view)
         self.views = [(d.ctrl, d.qpos, d.qvel, d.xpos, d.cfrc_ext) for d in self.datas]
+        if paper:  # the state after mj_forward, and the paper variant's observation and velocity
+            self.xmat = np.zeros((n, model.nbody, 9))
+            self.subtree_com = np.zeros((n, model.nbody, 3))
+            self.subtree_linvel = np.zeros((n, model.nbody, 3))
+            self.paper_views = [(d.xmat, d.subtree_com, d.subtree_linvel) for d in self.datas]
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
 
@@ -236,6 +289,8 @@ class _ThreadSim:
         self.qpos[i], self.qvel[i], self.xpos[i] = qpos, qvel, xpos
         if self.need_cfrc:
             self.cfrc_ext[i] = cfrc
+        if self.paper:
+            self.xmat[i], self.subtree_com[i], self.subtree_linvel[i] = self.paper_views[i]
 
     def reset(self, ids: np.ndarray, qpos: np.ndarray, qvel: np.ndarray) -> None:
         m = self.model
@@ -244,9 +299,28 @@ class _ThreadSim:
             mujoco.mj_resetData(m, d)
             d.qpos[:], d.qvel[:] = qpos[j], qvel[j]
             mujoco.mj_forward(m, d)
+            if self.paper and self.need_cfrc:
+                mujoco.mj_rnePostConstraint(m, d)
+            self._gather(i)
+
+    def _run_paper(self, ids: list[int], ctrl: np.ndarray) -> None:
+        """rllab's step: ``mj_step``, ``mj_forward`` (and the contact forces) at the new state,
+        the subtree velocities."""
+        m, nstep, datas, views = self.model, self.frame_skip, self.datas, self.views
+        step, forward, post = mujoco.mj_step, mujoco.mj_forward, mujoco.mj_rnePostConstraint
+        for i, u in zip(ids, ctrl):
+            views[i][0][:] = u
+            d = datas[i]
+            step(m, d, nstep)
+            forward(m, d)
+            if self.need_cfrc:
+                post(m, d)
+            mujoco.mj_subtreeVel(m, d)
             self._gather(i)
 
     def _run(self, ids: list[int], ctrl: np.ndarray) -> None:
+        if self.paper:
+            return self._run_paper(ids, ctrl)
         m, nstep, step, post = self.model, self.frame_skip, mujoco.mj_step, mujoco.mj_rnePostConstraint
         views, qpos_out, qvel_out, xpos_out, cfrc_out = self.views, self.qpos, self.qvel, self.xpos, self.cfrc_ext
         datas = self.datas

@@ -27,6 +27,23 @@ environments follow the official code:
 The ant episode ends when the torso height leaves [0.2, 1.0] (Ant-v5's default healthy range).
 Gymnasium's observations and contact model differ from rllab's (see docs/protocol.md#rl-mujoco):
 returns are comparable with the paper in shape and ordering, not to the decimal.
+
+The ``*PaperEnv`` classes (``mamlkit/HalfCheetahVelPaper-v0`` ..., ``env.variant: paper``) are
+the paper variant: rllab's own environments as the official code defined them, on mamlkit's
+redrawing of rllab's model files (``rl/models/``):
+
+- each step is rllab's ``forward_dynamics``: ``mj_step`` then ``mj_forward`` at the new state
+  (the ant's contact forces with it, as MuJoCo 1.31's forward computed them);
+- the forward velocity ``v`` is the x velocity of the torso's subtree centre of mass (rllab's
+  ``get_body_comvel("torso")``: MuJoCo's ``subtree_linvel``), not a difference of positions;
+- observations are rllab's: half-cheetah ``qpos[1:], qvel`` and the torso's subtree centre of
+  mass (20 numbers); ant ``qpos`` (root x, y included), ``qvel``, ``clip(cfrc_ext, -1, 1)`` of every
+  body, the torso's rotation matrix and subtree centre of mass (125 numbers);
+- resets are rllab's: ``init_qpos + 0.01 N(0, 1)``, ``0.1 N(0, 1)`` velocities (the ant starts
+  from its file's ``init_qpos``: 0.55 high, legs bent);
+- the ant's survival bonus 0.05 is paid on every step, the terminal one included (rllab's; Ant-v5
+  pays it only while healthy); its episode ends when its state is not finite or the torso's
+  height leaves [0.2, 1.0]. Rewards and costs are otherwise those above.
 """
 
 from __future__ import annotations
@@ -35,9 +52,26 @@ import mujoco
 import numpy as np
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
+from gymnasium.spaces import Box
 
-from .families import ANT_CONTACT, ANT_CTRL, ANT_SURVIVE, CHEETAH_CTRL, FRAME_SKIP, MUJOCO, MujocoFamily
-from .mujoco_sim import load_model
+from .families import (
+    ANT_CONTACT,
+    ANT_CONTACT_RANGE,
+    ANT_CTRL,
+    ANT_HEALTHY_Z,
+    ANT_SURVIVE,
+    CHEETAH_CTRL,
+    FRAME_SKIP,
+    MUJOCO,
+    PAPER_BODY,
+    PAPER_FRAME_SKIP,
+    PAPER_QPOS_NOISE,
+    PAPER_QVEL_NOISE,
+    MujocoFamily,
+    paper_model_path,
+)
+from .mujoco_sim import initial_qpos, load_model
 
 
 class _TaskMixin:
@@ -163,5 +197,117 @@ class AntVelEnv(_Velocity, _Ant):
 
 class AntDirEnv(_Direction, _Ant):
     """Ant running forward (+1) or backward (-1)."""
+
+    family = MUJOCO["ant_dir"]
+
+
+class _Paper(_Model, MujocoEnv):
+    """The paper variant's robot (see the module's docstring) on rllab's model file."""
+
+    metadata = {"render_modes": ["human", "rgb_array", "depth_array", "rgbd_tuple"]}
+
+    def __init__(self, task: dict | None = None, frame_skip: int | None = None, **kwargs):
+        robot = self.family.robot
+        MujocoEnv.__init__(
+            self, paper_model_path(robot), frame_skip or PAPER_FRAME_SKIP[robot], observation_space=None, **kwargs
+        )
+        self.metadata = {**type(self).metadata, "render_fps": int(np.round(1.0 / self.dt))}
+        self.init_qpos = initial_qpos(self.model)  # the file's init_qpos, as rllab's MujocoEnv
+        self.torso = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_BODY, PAPER_BODY)
+        size = self._get_obs().size
+        self.observation_space = Box(low=-np.inf, high=np.inf, shape=(size,), dtype=np.float64)
+        self._start_with(task)
+
+    def _step_mujoco_simulation(self, ctrl, n_frames) -> None:
+        """rllab's forward_dynamics: the steps, then mj_forward at the new state; the contact forces
+        (the ant's) and the subtree velocities of that state."""
+        self.data.ctrl[:] = ctrl
+        mujoco.mj_step(self.model, self.data, nstep=n_frames)
+        mujoco.mj_forward(self.model, self.data)
+        if self.family.ant:
+            mujoco.mj_rnePostConstraint(self.model, self.data)
+        mujoco.mj_subtreeVel(self.model, self.data)
+
+    def reset_model(self):
+        """rllab's reset_mujoco: ``init_qpos + 0.01 N(0, 1)``, ``init_qvel + 0.1 N(0, 1)``."""
+        nq, nv = self.model.nq, self.model.nv
+        qpos = self.init_qpos + self.np_random.standard_normal(nq) * PAPER_QPOS_NOISE
+        qvel = self.init_qvel + self.np_random.standard_normal(nv) * PAPER_QVEL_NOISE
+        self.set_state(qpos, qvel)  # then mj_forward
+        if self.family.ant:
+            mujoco.mj_rnePostConstraint(self.model, self.data)
+        return self._get_obs()
+
+    def com_velocity(self) -> float:
+        """x velocity of the torso's subtree centre of mass (rllab's ``get_body_comvel("torso")[0]``)."""
+        return float(self.data.subtree_linvel[self.torso, 0])
+
+
+class _PaperCheetah(_Paper):
+    def _get_obs(self) -> np.ndarray:
+        d = self.data
+        return np.concatenate([d.qpos[1:], d.qvel, d.subtree_com[self.torso]])
+
+    def step(self, action):
+        action = _clip(self, action)
+        self.do_simulation(action, self.frame_skip)
+        v = self.com_velocity()
+        ctrl = CHEETAH_CTRL * float(np.square(action).sum())
+        forward = self.forward_reward(v)
+        reward = forward - ctrl
+        info = {"x_velocity": v, "reward_forward": forward, "reward_ctrl": -ctrl, "task": self.get_task()}
+        return self._get_obs(), reward, False, False, info
+
+
+class _PaperAnt(_Paper):
+    def _contact_forces(self) -> np.ndarray:
+        return np.clip(self.data.cfrc_ext, *ANT_CONTACT_RANGE)
+
+    def _get_obs(self) -> np.ndarray:
+        d, b = self.data, self.torso
+        return np.concatenate([d.qpos, d.qvel, self._contact_forces().ravel(), d.xmat[b], d.subtree_com[b]])
+
+    def step(self, action):
+        action = _clip(self, action)
+        self.do_simulation(action, self.frame_skip)
+        v = self.com_velocity()
+        forward = self.forward_reward(v)
+        ctrl = ANT_CTRL * float(np.square(action).sum())  # the sum in the action's dtype, the rest in float64
+        contact = ANT_CONTACT * float(np.square(self._contact_forces()).sum())
+        reward = forward - ctrl - contact + ANT_SURVIVE  # rllab: the bonus on every step
+        qpos, qvel = self.data.qpos, self.data.qvel
+        finite = bool(np.isfinite(qpos).all() and np.isfinite(qvel).all())
+        healthy = finite and ANT_HEALTHY_Z[0] <= qpos[2] <= ANT_HEALTHY_Z[1]
+        info = {
+            "x_velocity": v,
+            "reward_forward": forward,
+            "reward_ctrl": -ctrl,
+            "reward_contact": -contact,
+            "reward_survive": ANT_SURVIVE,
+            "task": self.get_task(),
+        }
+        return self._get_obs(), float(reward), not healthy, False, info
+
+
+class HalfCheetahVelPaperEnv(_Velocity, _PaperCheetah):
+    """Half-cheetah at a goal velocity ~ U[0, 2], rllab's environment (the paper variant)."""
+
+    family = MUJOCO["halfcheetah_vel"]
+
+
+class HalfCheetahDirPaperEnv(_Direction, _PaperCheetah):
+    """Half-cheetah forward (+1) or backward (-1), rllab's environment (the paper variant)."""
+
+    family = MUJOCO["halfcheetah_dir"]
+
+
+class AntVelPaperEnv(_Velocity, _PaperAnt):
+    """Ant at a goal velocity ~ U[0, 3], rllab's environment (the paper variant)."""
+
+    family = MUJOCO["ant_vel"]
+
+
+class AntDirPaperEnv(_Direction, _PaperAnt):
+    """Ant forward (+1) or backward (-1), rllab's environment (the paper variant)."""
 
     family = MUJOCO["ant_dir"]

@@ -47,13 +47,15 @@ class NavigationTasks:
 
 class MujocoTasks:
     """A MuJoCo task family: every episode of a call stepped together (``mujoco_batch``) on
-    ``env.sim_threads`` threads."""
+    ``env.sim_threads`` threads, in ``env.variant``'s definitions (gymnasium's or rllab's)."""
 
     def __init__(self, env: RLEnvConfig, oracle: bool = False):
         from .mujoco_batch import BatchedMujoco  # imports mujoco only for these families
 
         self.env, self.oracle, self.family = env, oracle, MUJOCO[env.name]
-        self._make = lambda n: BatchedMujoco(env.name, n, env.frame_skip or None, env.sim_threads or None)
+        self._make = lambda n: BatchedMujoco(
+            env.name, n, env.frame_skip or None, env.sim_threads or None, variant=env.variant
+        )
         self._sim = None
         probe = self._make(1)
         self.obs_dim = probe.obs_dim + (1 if oracle else 0)
