@@ -52,6 +52,13 @@ class FunctionalModel:
             params = {alias: t for name, t in params.items() for alias in self.aliases[name]}
         return functional_call(self.module, params, args, kwargs, tie_weights=False, strict=False)
 
+    def call_with(self, params: Params, buffers: Params, *args, **kwargs):
+        """As a call, with ``buffers`` (by name) also replaced for this call (the per-step
+        BatchNorm's step index, ``MAML(norm="per_step")``)."""
+        if self._has_aliases:
+            params = {alias: t for name, t in params.items() for alias in self.aliases[name]}
+        return functional_call(self.module, {**params, **buffers}, args, kwargs, tie_weights=False, strict=False)
+
 
 def select_names(
     names: Iterable[str] | Mapping[str, list[str]], patterns: Iterable[str] | Callable[[str], bool] | None

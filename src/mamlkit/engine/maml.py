@@ -13,6 +13,9 @@ from torch import Tensor, nn
 
 from .checks import check_step_size, check_steps, step_sizes, task_count
 from .functional import FunctionalModel, Params, select_names, unmatched_patterns
+from .mamlpp import check_options, msl_weights
+from .norm import InductiveBatchNorm, PerStepBatchNorm, convert_norms
+from .norm import phase as norm_phase
 from .recompute import recomputed_inner_step
 from .step_sizes import _key, _step_size, migrate_old_keys
 from .strategies import (
@@ -81,6 +84,20 @@ class MAML(nn.Module):
             eagerly (torch.func transforms cannot recompute).
         autocast: ``"bf16"`` runs the meta-batch computation under ``torch.autocast`` in bfloat16
             (matrix products and convolutions in bf16, parameters and their gradients in float32).
+        multi_step_loss: MAML++'s multi-step loss: the meta-loss is a weighted sum of the query losses
+            after every inner step, weights by :func:`~mamlkit.engine.mamlpp.msl_weights` at the
+            iteration :meth:`set_iteration` gave.
+        msl_iterations: the meta-iterations over which those weights anneal from uniform to the
+            final step's (after them, the final step's query loss alone); 0 = uniform throughout.
+        lslr: MAML++'s LSLR: learn one inner step size per adapted parameter tensor and per inner
+            step (``self.step_lrs``, each ``[inner_steps]``, initialised to ``inner_lr``). Steps
+            beyond ``inner_steps`` (at evaluation) reuse the last step's sizes.
+        first_order_iterations: MAML++'s derivative-order annealing: first order for the first N
+            meta-iterations (as :meth:`set_iteration` counts them), second order after; 0 = off.
+        norm: BatchNorm mode (:mod:`mamlkit.engine.norm`): ``"transductive"`` (the model as it is:
+            batch statistics at training and test), ``"inductive"`` (running statistics from the
+            training queries normalise the queries at evaluation) or ``"per_step"`` (MAML++'s
+            weight and bias per inner step).
     """
 
     def __init__(
@@ -99,10 +116,47 @@ class MAML(nn.Module):
         cuda_graphs: bool = False,
         checkpoint_inner: bool = False,
         autocast: str | None = "none",
+        multi_step_loss: bool = False,
+        msl_iterations: int = 0,
+        lslr: bool = False,
+        first_order_iterations: int = 0,
+        norm: str = "transductive",
     ):
         super().__init__()
         inner_steps = check_steps(inner_steps, "inner_steps")
         check_step_size(inner_lr, "inner_lr")
+        check_options(
+            inner_steps=inner_steps,
+            first_order=first_order,
+            learn_inner_lr=learn_inner_lr,
+            strategy=strategy,
+            compile=compile,
+            checkpoint_inner=checkpoint_inner,
+            multi_step_loss=multi_step_loss,
+            msl_iterations=msl_iterations,
+            lslr=lslr,
+            first_order_iterations=first_order_iterations,
+            norm=norm,
+        )
+        self.norm = norm
+        replaced = convert_norms(model, norm, inner_steps)
+        if norm != "transductive" and not replaced:
+            raise ValueError(
+                f"norm={norm!r} found no batch normalisation layer (mamlkit.models.BatchNorm, nn.BatchNorm1d/2d/3d) "
+                f"in {type(model).__name__}: use norm='transductive' for a model without one"
+            )
+        layers = [model.get_submodule(n) for n in replaced]
+        self._per_step_layers = [m for m in layers if isinstance(m, PerStepBatchNorm)]
+        self._step_names = [f"{n}.step" for n, m in zip(replaced, layers) if isinstance(m, PerStepBatchNorm)]
+        self._step_cache: list[dict[str, Tensor]] = []
+        self._inductive_layers = [m for m in layers if isinstance(m, InductiveBatchNorm)]
+        self.multi_step_loss = multi_step_loss
+        self.msl_iterations = msl_iterations
+        self.first_order_iterations = first_order_iterations
+        self.iteration = 0
+        # Whether this iteration takes first-order steps: read inside the (compiled) meta-batch
+        # computation, it changes once, at the switch, never per iteration.
+        self._fo_now = first_order or first_order_iterations > 0
         _check_running_stats(model)
         self.model = model
         self.fmodel = FunctionalModel(model)
@@ -128,6 +182,18 @@ class MAML(nn.Module):
             self.inner_lrs = nn.ParameterDict(
                 {_key(n): nn.Parameter(torch.full_like(params[n].detach(), init)) for n in self.adapted_names}
             )
+        self.lslr = lslr
+        if lslr:
+            params = self.fmodel.params()
+            init = float(inner_lr)
+            self.step_lrs = nn.ParameterDict(
+                {
+                    _key(n): nn.Parameter(
+                        torch.full((inner_steps,), init, dtype=params[n].dtype, device=params[n].device)
+                    )
+                    for n in self.adapted_names
+                }
+            )
         if checkpoint_inner and (strategy == "vmap" or compile):
             raise ValueError(
                 "checkpoint_inner=True recomputes inner steps with autograd, which torch.func's vmap and "
@@ -139,7 +205,8 @@ class MAML(nn.Module):
         self.autocast = None if autocast == "none" else autocast
         self._second_order = not first_order and inner_steps > 0
         self._requested = strategy
-        self._candidates = candidate_strategies("loop" if checkpoint_inner else strategy, model, self._second_order)
+        loop_only = checkpoint_inner or norm == "inductive"
+        self._candidates = candidate_strategies("loop" if loop_only else strategy, model, self._second_order)
         self.strategy = self._candidates[0]
         self._ops: ModelOps | None = None  # what one support forward runs, recorded once
         self._mutated_buffers: list[str] = []  # buffers that forward updates in place
@@ -173,9 +240,79 @@ class MAML(nn.Module):
         """The meta-parameters by name (shared weights once)."""
         return self.fmodel.params()
 
-    def forward(self, inputs, params: Params | None = None):
-        """The model's output on ``inputs`` with ``params`` (default: the meta-parameters)."""
-        return self.fmodel(self.params() if params is None else params, inputs)
+    def forward(self, inputs, params: Params | None = None, steps: int | None = None):
+        """The model's output on ``inputs`` with ``params`` (default: the meta-parameters).
+
+        ``steps``: how many inner steps ``params`` took, for ``norm="per_step"`` (whose query after
+        k steps uses step k's BatchNorm row): by default 0 for the meta-parameters and
+        ``inner_steps`` for given ones. Other modes ignore it."""
+        if steps is None:
+            steps = 0 if params is None else self.inner_steps
+        return self._model_at(max(steps - 1, 0))(self.params() if params is None else params, inputs)
+
+    def set_iteration(self, iteration: int) -> None:
+        """Tell the engine the meta-iteration (0-based) of the next meta-batch: the multi-step
+        loss's weights and the derivative order (``first_order_iterations``) follow it. The
+        training loop calls it before every iteration, so a resumed run continues both exactly.
+        Under ``strategy="auto"`` the switch to second order re-measures the strategies on the
+        next meta-batch (their ranking can change with the order)."""
+        self.iteration = check_steps(iteration, "iteration")
+        first_order = self.first_order or self.iteration < self.first_order_iterations
+        if first_order != self._fo_now:
+            self._fo_now = first_order
+            if self._strategy_chosen and len(self._candidates) > 1:
+                self._strategy_chosen = False
+
+    def msl_weights(self) -> list[float] | None:
+        """The multi-step loss's weights at this iteration (None: the final query loss alone)."""
+        if not self.multi_step_loss:
+            return None
+        return msl_weights(self.inner_steps, self.iteration, self.msl_iterations)
+
+    def _msl_weights(self) -> Tensor | None:
+        weights = self.msl_weights()
+        if weights is None:
+            return None
+        p = next(iter(self.params().values()))
+        return torch.tensor(weights, dtype=p.dtype, device=p.device)
+
+    def _learned_lr(self):
+        """The learned step sizes handed to the meta-batch computation: Meta-SGD's or LSLR's."""
+        if self.learn_inner_lr:
+            return self.inner_lrs
+        return self.step_lrs if self.lslr else None
+
+    def _lslr_at(self, lrs, step: int) -> dict:
+        """LSLR's step sizes of inner step ``step`` (the last step's beyond ``inner_steps``)."""
+        i = min(step, self.inner_steps - 1)
+        return {key: v[i] for key, v in lrs.items()}
+
+    def _model_at(self, step: int, phase: str | None = None) -> Callable:
+        """The functional model as inner step ``step`` (0-based) calls it: with that step's
+        BatchNorm row under ``norm="per_step"``, with the inductive layers in ``phase``
+        (``"batch"``, ``"accumulate"``; None: at rest, running statistics) under
+        ``norm="inductive"``, else the functional model itself."""
+        if self._per_step_layers:
+            buffers = self._step_buffers(step)
+            fmodel = self.fmodel
+            return lambda p, *args: fmodel.call_with(p, buffers, *args)
+        if self._inductive_layers and phase is not None:
+            layers, fmodel = self._inductive_layers, self.fmodel
+
+            def call(p, *args):
+                with norm_phase(layers, phase):
+                    return fmodel(p, *args)
+
+            return call
+        return self.fmodel
+
+    def _step_buffers(self, step: int) -> dict[str, Tensor]:
+        device = self._per_step_layers[0].step.device
+        if not self._step_cache or next(iter(self._step_cache[0].values())).device != device:
+            self._step_cache = [
+                dict.fromkeys(self._step_names, torch.tensor(i, device=device)) for i in range(self.inner_steps)
+            ]
+        return self._step_cache[min(step, self.inner_steps - 1)]
 
     def adapt(
         self,
@@ -205,17 +342,18 @@ class MAML(nn.Module):
         return self._adapt(params, inputs, targets, lrs, create_graph)
 
     def _adapt(self, params: Params, inputs, targets, lrs: list, create_graph: bool) -> Params:
-        for lr in lrs:
-            params = self._inner_step(params, inputs, targets, lr, create_graph)
+        for step, lr in enumerate(lrs):
+            params = self._inner_step(params, inputs, targets, lr, create_graph, step)
         return params
 
-    def _inner_step(self, params: Params, inputs, targets, lr, create_graph: bool) -> Params:
+    def _inner_step(self, params: Params, inputs, targets, lr, create_graph: bool, step: int = 0) -> Params:
         if self.checkpoint_inner and create_graph and torch.is_grad_enabled():
-            return self._recomputed_inner_step(params, inputs, targets, lr)
+            return self._recomputed_inner_step(params, inputs, targets, lr, step)
         adapted = {n: params[n] for n in self.adapted_names}
+        model = self._model_at(step, "batch")
 
         def support_loss(sub: Params) -> Tensor:
-            return self.loss_fn(self.fmodel({**params, **sub}, inputs), targets)
+            return self.loss_fn(model({**params, **sub}, inputs), targets)
 
         if (
             torch.is_grad_enabled()
@@ -236,18 +374,20 @@ class MAML(nn.Module):
         step = _step_size(lr)
         return {**params, **{n: p - step(n) * grads[n] for n, p in adapted.items()}}
 
-    def _recomputed_inner_step(self, params: Params, inputs, targets, lr) -> Params:
+    def _recomputed_inner_step(self, params: Params, inputs, targets, lr, step: int = 0) -> Params:
         """A second-order inner step that keeps only its inputs and rebuilds its graph in the
         backward pass (``checkpoint_inner``; :func:`recompute.recomputed_inner_step`)."""
         # The parameters fixed at construction, as the other strategies adapt, whatever requires_grad says now.
         buffers = dict(self.model.named_buffers()) if self._mutated_buffers else {}
         replay = [buffers[n] for n in self._mutated_buffers]
         return recomputed_inner_step(
-            self.fmodel, self.loss_fn, self.adapted_names, params, inputs, targets, lr, _key, replay
+            self._model_at(step, "batch"), self.loss_fn, self.adapted_names, params, inputs, targets, lr, _key, replay
         )
 
     def _lrs(self, lr: StepSize, steps: int) -> list:
         if lr is None:
+            if self.lslr:
+                return [self._lslr_at(self.step_lrs, k) for k in range(steps)]
             return [self.inner_lrs if self.learn_inner_lr else self.inner_lr] * steps
         return step_sizes(lr, steps)
 
@@ -258,9 +398,10 @@ class MAML(nn.Module):
         task_count(batch)
         if not self.learn_inner_lr:
             check_step_size(self.inner_lr, "inner_lr")  # it may have been set after construction
-        lr = self.inner_lrs if self.learn_inner_lr else None
+        lr = self._learned_lr()
         self._ensure_strategy(lr, batch)
-        return self._call("forward", self.params(), lr, *batch)
+        weights = self._msl_weights()
+        return self._call("forward", self.params(), lr, *batch, *(() if weights is None else (weights,)))
 
     def meta_loss(self, batch: TaskBatch) -> Tensor:
         """Mean query loss after adaptation, differentiable w.r.t. the meta-parameters."""
@@ -276,7 +417,7 @@ class MAML(nn.Module):
         ``meta_loss(batch).backward()``.
         """
         task_count(batch)
-        lr = self.inner_lrs if self.learn_inner_lr else None
+        lr = self._learned_lr()
         self._ensure_strategy(lr, batch)  # may turn the functional path off
         # The transform differentiates the parameters and Meta-SGD's step sizes; a step size that is a
         # tensor requiring grad (a learned scalar) needs autograd, which follows every input.
@@ -287,15 +428,19 @@ class MAML(nn.Module):
             return loss.detach()
         params = self.params()
         detached_lr = None if lr is None else {k: v.detach() for k, v in lr.items()}
-        grads, lr_grads, loss = self._call("grad", {n: p.detach() for n, p in params.items()}, detached_lr, *batch)
+        weights = self._msl_weights()
+        extra = () if weights is None else (weights,)
+        grads, lr_grads, loss = self._call(
+            "grad", {n: p.detach() for n, p in params.items()}, detached_lr, *batch, *extra
+        )
         _accumulate(params, grads)
         if lr is not None:
             _accumulate(dict(lr.items()), lr_grads)
         return loss
 
-    def _meta_grad_impl(self, params, lr, si, st, qi, qt):
+    def _meta_grad_impl(self, params, lr, si, st, qi, qt, weights=None):
         def loss(p, lr_):
-            return self._meta_forward_impl(p, lr_, si, st, qi, qt)[0].mean()
+            return self._meta_forward_impl(p, lr_, si, st, qi, qt, weights)[0].mean()
 
         if lr is None:
             grads, value = torch.func.grad_and_value(lambda p: loss(p, None))(params)
@@ -305,6 +450,8 @@ class MAML(nn.Module):
 
     def _call(self, kind: str, *args):
         """Run the meta-batch computation (``forward`` or ``grad``), compiled on first use if asked."""
+        if self._per_step_layers:
+            self._step_buffers(0)  # the step indices made here, eagerly, not while torch.compile traces
         if kind not in self._fns:
             fn = self._meta_forward_impl if kind == "forward" else self._meta_grad_impl
             if self._compile:
@@ -358,7 +505,7 @@ class MAML(nn.Module):
 
         def run(strategy: str) -> None:
             self.strategy = strategy
-            losses, _ = self._meta_forward_impl(params, lr, *probe)
+            losses, _ = self._meta_forward_impl(params, lr, *probe, self._msl_weights())
             if leaves:  # every parameter may have been frozen since construction
                 torch.autograd.grad(losses.mean(), leaves, allow_unused=True)  # no .grad side effects
 
@@ -419,6 +566,8 @@ class MAML(nn.Module):
             return
         if self.checkpoint_inner:
             reason = "checkpoint_inner=True recomputes inner steps with autograd, which vmap cannot"
+        elif self.norm == "inductive":
+            reason = "norm='inductive' updates running statistics in place, which vmap cannot"
         elif why:
             reason = why
         elif not self.strategy_timings:
@@ -460,7 +609,7 @@ class MAML(nn.Module):
 
         def support_loss():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast == "bf16"):
-                return self.loss_fn(self.fmodel(params, inputs), targets)
+                return self.loss_fn(self._model_at(0, "batch")(params, inputs), targets)
 
         with (
             torch.enable_grad(),
@@ -493,21 +642,33 @@ class MAML(nn.Module):
                         if record and n not in self._mutated_buffers:
                             self._mutated_buffers.append(n)
 
-    def _meta_forward_impl(self, params, lr, si, st, qi, qt):
+    def _meta_forward_impl(self, params, lr, si, st, qi, qt, weights=None):
         if self.autocast:
             device = next(iter(params.values())).device.type
             with torch.autocast(device, dtype=torch.bfloat16):
-                losses, out = self._meta_forward_tasks(params, lr, si, st, qi, qt)
+                losses, out = self._meta_forward_tasks(params, lr, si, st, qi, qt, weights)
             return losses.float(), out
-        return self._meta_forward_tasks(params, lr, si, st, qi, qt)
+        return self._meta_forward_tasks(params, lr, si, st, qi, qt, weights)
 
-    def _meta_forward_tasks(self, params, lr, si, st, qi, qt):
-        lrs = [self.inner_lr if lr is None else lr] * self.inner_steps
-        create_graph = not self.first_order
+    def _meta_forward_tasks(self, params, lr, si, st, qi, qt, weights=None):
+        if self.lslr and lr is not None:
+            lrs = [self._lslr_at(lr, k) for k in range(self.inner_steps)]
+        else:
+            lrs = [self.inner_lr if lr is None else lr] * self.inner_steps
+        create_graph = not self._fo_now
+        last = max(self.inner_steps - 1, 0)
 
         def one_task(si, st, qi, qt):
+            if weights is not None:  # MAML++'s multi-step loss: the query after every step, weighed
+                p, total = params, None
+                for k, lr_k in enumerate(lrs):
+                    p = self._inner_step(p, si, st, lr_k, create_graph, k)
+                    out = self._model_at(k, "accumulate")(p, qi)
+                    term = weights[k] * self.query_loss_fn(out, qt)
+                    total = term if total is None else total + term
+                return total, out
             adapted = self._adapt(params, si, st, lrs, create_graph)
-            out = self.fmodel(adapted, qi)
+            out = self._model_at(last, "accumulate")(adapted, qi)
             return self.query_loss_fn(out, qt), out
 
         return map_tasks(one_task, (0, 0, 0, 0), si, st, qi, qt, strategy=self.strategy)
@@ -539,8 +700,8 @@ class MAML(nn.Module):
             rows = {k: [] for k in metrics}
             for s in range(steps + 1):
                 if s:
-                    p = self._inner_step(p, si, st, lrs[s - 1], create_graph=False)
-                out = self.fmodel(p, qi)
+                    p = self._inner_step(p, si, st, lrs[s - 1], create_graph=False, step=s - 1)
+                out = self._model_at(max(s - 1, 0))(p, qi)
                 for k, m in metrics.items():
                     rows[k].append(m(out, qt))
             return {k: torch.stack(v) for k, v in rows.items()}
@@ -596,7 +757,11 @@ def _measurement_key(maml: MAML, probe: TaskBatch) -> tuple:
         tuple(maml.adapted_names),
         maml.inner_steps,
         maml.first_order,
+        maml._fo_now,
         maml.learn_inner_lr,
+        maml.lslr,
+        maml.multi_step_loss,
+        maml.norm,
         maml.autocast,
         tuple(maml._candidates),
     )
