@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from .engine.maml import MAML
+from .engine.mamlpp import LR_SCHEDULES, NORMS, check_options
 
 
 class ConfigError(ValueError):
@@ -106,6 +107,32 @@ class MAMLConfig:
         _engine_default("checkpoint_inner"),
         doc="recompute inner-step activations in the backward pass: less memory, more time (loop, eager)",
     )
+    # MAML++ (Antoniou et al., ICLR 2019); each off by default.
+    multi_step_loss: bool = spec(
+        _engine_default("multi_step_loss"),
+        doc="MAML++ multi-step loss: the meta-loss weighs the query loss after every inner step",
+    )
+    msl_iterations: int = spec(
+        _engine_default("msl_iterations"),
+        low=0,
+        doc="iterations over which the multi-step loss anneals from uniform weights to the final step's "
+        "(then the final step alone); 0 = uniform throughout",
+    )
+    lslr: bool = spec(
+        _engine_default("lslr"),
+        doc="MAML++ LSLR: learn one inner step size per adapted tensor and per inner step (from inner_lr)",
+    )
+    first_order_iterations: int = spec(
+        _engine_default("first_order_iterations"),
+        low=0,
+        doc="MAML++ derivative-order annealing: first order for this many iterations, then second order; 0 = off",
+    )
+    norm: str = spec(
+        _engine_default("norm"),
+        choices=NORMS,
+        doc="BatchNorm: transductive = batch statistics at train and test (the paper's), inductive = running "
+        "statistics of the training queries normalise test queries, per_step = MAML++'s weights per inner step",
+    )
 
 
 @dataclass
@@ -132,6 +159,13 @@ class TrainConfig:
     validate_every: int = spec(0, low=0, doc="iterations between validations (0 = never)")
     val_tasks: int = spec(200, low=1, doc="validation tasks per validation")
     grad_clip: float | None = spec(None, low=0.0, doc="clip meta-gradients elementwise to [-c, c]")
+    lr_schedule: str = spec(
+        "constant",
+        choices=LR_SCHEDULES,
+        doc="outer step size over the run: constant = meta_lr, cosine = annealed from meta_lr to min_meta_lr "
+        "over train.iterations (MAML++)",
+    )
+    min_meta_lr: float = spec(0.0, low=0.0, doc="the outer step size that lr_schedule=cosine ends at")
     time_limit: float = spec(
         0.0, low=0.0, doc="stop (checkpoint saved, resumable) after this many seconds of training; 0 = no limit"
     )
@@ -142,6 +176,23 @@ class TrainConfig:
         doc="a batch whose meta-loss or meta-gradient is nan/inf: stop (the last checkpoint kept, exit non-zero) "
         "or skip it (counted in metrics.csv as 'skipped')",
     )
+
+
+def check_maml(maml: MAMLConfig, train: TrainConfig | None = None) -> None:
+    """The ``maml:`` options (MAML++'s included) that no engine path computes, and the outer step
+    size's schedule, refused as ``MAML(...)`` would refuse them, before a run starts."""
+    problems = []
+    try:
+        check_options(**{k: v for k, v in kwargs_for(check_options, maml).items()})
+    except ValueError as e:
+        problems.append(f"maml: {e}")
+    if train is not None and train.lr_schedule == "cosine" and train.min_meta_lr > train.meta_lr:
+        problems.append(
+            f"train.min_meta_lr ({train.min_meta_lr:g}) is above train.meta_lr ({train.meta_lr:g}): the cosine "
+            "schedule anneals down to it; lower train.min_meta_lr"
+        )
+    if problems:
+        raise ConfigError(*problems)
 
 
 def did_you_mean(word: Any, options) -> str:

@@ -13,6 +13,7 @@ from ..config import (
     TrainConfig,
     apply_overrides,
     build,
+    check_maml,
     check_models,
     check_pair,
     collect,
@@ -86,6 +87,11 @@ class SinusoidConfig:
         collect(problems, check_pair, self.task.phase, "task.phase")
         collect(problems, check_pair, self.task.x_range, "task.x_range")
         collect(problems, check_models, self.models, ("maml", "pretrained", "oracle"))
+        collect(problems, check_maml, self.maml, self.train)
+        if self.maml.norm != "transductive":
+            problems.append(
+                f"maml.norm={self.maml.norm}: the sinusoid MLP has no BatchNorm to change; leave maml.norm=transductive"
+            )
         if problems:
             raise ConfigError(*problems)
 
@@ -184,6 +190,7 @@ class FewShotConfig:
             shape = {"omniglot": "28x28 gray", "miniimagenet": "84x84 RGB", "folder": "any size"}[wanted]
             fix = "; data.dataset=folder trains model.arch=conv4" if self.data.dataset == "folder" else ""
             problems.append(f"model.arch {self.model.arch} expects data.dataset={wanted} ({shape}){fix}")
+        collect(problems, check_maml, self.maml, self.train)
         problems += self._folder_problems()
         problems += self._data_problems()
         if problems:

@@ -155,7 +155,7 @@ def accuracy_curve(
 def _test_lr(cfg: FewShotConfig):
     if cfg.eval.inner_lr is not None:
         return cfg.eval.inner_lr
-    return None if cfg.maml.learn_inner_lr else cfg.maml.inner_lr
+    return None if cfg.maml.learn_inner_lr or cfg.maml.lslr else cfg.maml.inner_lr
 
 
 def train(
@@ -187,7 +187,15 @@ def train(
     trainer = Trainer(
         run_dir,
         learner,
-        AdamUpdate(learner, lambda g: train_tasks.batch(t.meta_batch_size, g), t.meta_lr, t.grad_clip),
+        AdamUpdate(
+            learner,
+            lambda g: train_tasks.batch(t.meta_batch_size, g),
+            t.meta_lr,
+            t.grad_clip,
+            lr_schedule=t.lr_schedule,
+            min_lr=t.min_meta_lr,
+            iterations=t.iterations,
+        ),
         generator,
         iterations=t.iterations,
         checkpoint_every=t.checkpoint_every,
@@ -257,6 +265,9 @@ def evaluate(
         "dataset": cfg.data.dataset,
         "n_way": cfg.task.n_way,
         "k_shot": cfg.task.k_shot,
+        # How BatchNorm normalised the test queries: transductive = with the query batch's statistics,
+        # inductive = with running statistics from meta-training, per_step = MAML++'s (batch statistics).
+        "norm": cfg.maml.norm,
         "protocols": {},
     }
     for protocol in cfg.eval.query:

@@ -21,6 +21,8 @@ from .configs import SinusoidConfig
 
 KINDS = ("maml", "pretrained", "oracle")
 LABELS = {"maml": "MAML", "pretrained": "pretrained", "oracle": "oracle"}
+# The inner loop's MAML++ options, off for the baselines, which take no inner step.
+NO_INNER_LOOP_OPTIONS = {"multi_step_loss": False, "msl_iterations": 0, "lslr": False, "first_order_iterations": 0}
 DIVERGED = 100.0  # an MSE this far above the data's variance (A² / 2 <= 12.5) means the steps diverged
 
 
@@ -40,7 +42,16 @@ def make_learner(cfg: SinusoidConfig, kind: str) -> MAML:
     model = model.to(cfg.train.device)
     if kind == "maml":
         return build_maml(model, F.mse_loss, cfg.maml)
-    return build_maml(model, F.mse_loss, cfg.maml, inner_steps=0, first_order=False, adapt=None, learn_inner_lr=False)
+    return build_maml(
+        model,
+        F.mse_loss,
+        cfg.maml,
+        inner_steps=0,
+        first_order=False,
+        adapt=None,
+        learn_inner_lr=False,
+        **NO_INNER_LOOP_OPTIONS,
+    )
 
 
 def make_sampler(cfg: SinusoidConfig, kind: str, tasks: SinusoidTasks):
@@ -70,7 +81,16 @@ def train(
     def build(kind: str):
         learner = make_learner(cfg, kind)
         sample = make_sampler(cfg, kind, make_tasks(cfg, kind))
-        return learner, AdamUpdate(learner, sample, t.meta_lr, t.grad_clip), {}
+        update = AdamUpdate(
+            learner,
+            sample,
+            t.meta_lr,
+            t.grad_clip,
+            lr_schedule=t.lr_schedule,
+            min_lr=t.min_meta_lr,
+            iterations=t.iterations,
+        )
+        return learner, update, {}
 
     hint = f"a step size too large (train.meta_lr={t.meta_lr:g}, maml.inner_lr={cfg.maml.inner_lr:g})"
     return train_models(cfg, run_dir, resume, progress, changes, build, only, hint=hint)
@@ -126,7 +146,8 @@ def evaluate(
             if kind == "pretrained":
                 lr, tuning = _tune_lr(learner, cfg, kind, k)
             else:
-                lr = e.inner_lr if e.inner_lr is not None else (None if cfg.maml.learn_inner_lr else cfg.maml.inner_lr)
+                learned = cfg.maml.learn_inner_lr or cfg.maml.lslr
+                lr = e.inner_lr if e.inner_lr is not None else (None if learned else cfg.maml.inner_lr)
                 tuning = None
             batch = test_tasks(cfg, kind, e.num_tasks, k, e.seed)
             mse = learner.adaptation_curve(batch, steps, lr=lr)["loss"]

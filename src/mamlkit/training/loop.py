@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..engine import NonFinite, TaskBatch
+from ..engine.mamlpp import LR_SCHEDULES, cosine_lr
 from . import checkpoint as ckpt
 from .files import write_file
 from .metrics import MetricLog
@@ -102,6 +103,11 @@ class AdamUpdate:
     Under ``torchrun`` every rank draws the same batch from the shared task stream and computes
     its own share of the tasks; the shares' meta-gradients and losses are summed, weighted by
     task counts, so every rank takes the same step as one process would.
+
+    ``lr_schedule="cosine"`` anneals Adam's step size from ``meta_lr`` at iteration 0 to ``min_lr``
+    at ``iterations`` (:func:`~mamlkit.engine.mamlpp.cosine_lr`, MAML++). The step size, the
+    learner's multi-step loss weights and derivative order are functions of the iteration, which
+    the ``Trainer`` gives :meth:`set_iteration` before every step, so a resumed run reproduces them.
     """
 
     def __init__(
@@ -110,9 +116,33 @@ class AdamUpdate:
         sample: Callable[[torch.Generator], TaskBatch],
         meta_lr: float,
         grad_clip: float | None = None,
+        lr_schedule: str = "constant",
+        min_lr: float = 0.0,
+        iterations: int | None = None,
     ):
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+        if lr_schedule == "cosine" and not iterations:
+            raise ValueError("lr_schedule='cosine' anneals over the run: give iterations (the run's length)")
+        if distributed.active() and getattr(learner, "norm", None) == "inductive":
+            raise ValueError(
+                "norm='inductive' accumulates running statistics from each process's own share of the tasks, so "
+                "the processes of a torchrun run would disagree: train it in one process, or use another maml.norm"
+            )
         self.learner, self.sample, self.grad_clip = learner, sample, grad_clip
+        self.meta_lr, self.lr_schedule, self.min_lr, self.iterations = meta_lr, lr_schedule, min_lr, iterations
         self.optimizer = make_optimizer(learner.parameters(), meta_lr)
+
+    def set_iteration(self, iteration: int) -> None:
+        """Set what depends on the iteration (0-based) before its step: the outer step size under
+        the cosine schedule, and the learner's own (``MAML.set_iteration``)."""
+        if self.lr_schedule == "cosine":
+            lr = cosine_lr(self.meta_lr, self.min_lr, iteration, self.iterations)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        set_learner = getattr(self.learner, "set_iteration", None)
+        if set_learner is not None:
+            set_learner(iteration)
 
     def step(self, generator: torch.Generator) -> dict[str, Tensor]:
         batch = self.sample(generator)
@@ -355,9 +385,12 @@ class Trainer:
             bar.write(
                 f"{self.name}: compiling the meta-batch computation (torch.compile); the first iterations are slow"
             )
+        set_iteration = getattr(self.update, "set_iteration", None)  # an update whose step depends on it
         try:
             with _stop_requests() as stop:
                 while self.iteration < self.iterations:
+                    if set_iteration is not None:
+                        set_iteration(self.iteration)
                     try:
                         window.add(self.update.step(self.generator))
                     except NonFinite as e:

@@ -326,6 +326,14 @@ def check_resume(saved: dict, new: dict) -> dict[str, tuple]:
     any of them could change what is learned."""
     changes = changed_settings(saved, new)
     refused = {k: v for k, v in changes.items() if not resumable(k)}
+    cosine = (saved.get("train") or {}).get("lr_schedule") == "cosine"
+    if cosine and "train.iterations" in changes:
+        a, b = changes["train.iterations"]
+        raise config_lib.ConfigError(
+            f"--resume would change train.iterations ({a!r} -> {b!r}), which is the length of the cosine "
+            "schedule of this run's outer step size (train.lr_schedule=cosine): the step sizes already taken "
+            "would no longer be the schedule's. Resume with the same train.iterations, or start a new run with --out"
+        )
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise config_lib.ConfigError(
