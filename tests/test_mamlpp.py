@@ -521,3 +521,26 @@ def test_eval_json_records_the_norm_mode(tmp_path):
     assert cli.main(["eval", str(run)]) == 0
     results = json.loads((run / "eval.json").read_text())
     assert results["norm"] == "inductive"
+
+
+@pytest.mark.slow
+def test_two_processes_with_mamlpp_options_reproduce_one(tmp_path):
+    """torchrun: the multi-step loss, LSLR, derivative-order annealing and the cosine step size on
+    two ranks reproduce one process (to float summation order)."""
+    from test_distributed import SINUSOID, assert_close, run, weights
+
+    mamlpp = [
+        "maml.inner_steps=2",
+        "maml.multi_step_loss=true",
+        "maml.msl_iterations=12",
+        "maml.lslr=true",
+        "maml.first_order_iterations=8",
+        "train.lr_schedule=cosine",
+        "train.iterations=20",
+    ]
+    sets = [a for s in mamlpp for a in ("--set", s)]
+    run(["train", *SINUSOID, *sets, "--out", "one"], cwd=tmp_path)
+    run(["train", *SINUSOID, *sets, "--out", "two"], procs=2, cwd=tmp_path)
+    one, two = weights(tmp_path / "one/maml/checkpoint.pt"), weights(tmp_path / "two/maml/checkpoint.pt")
+    assert any(k.startswith("step_lrs.") for k in one)
+    assert_close(one, two)
