@@ -544,3 +544,22 @@ def test_two_processes_with_mamlpp_options_reproduce_one(tmp_path):
     one, two = weights(tmp_path / "one/maml/checkpoint.pt"), weights(tmp_path / "two/maml/checkpoint.pt")
     assert any(k.startswith("step_lrs.") for k in one)
     assert_close(one, two)
+
+
+@pytest.mark.parametrize("norm", ["per_step", "inductive"])
+def test_batchnorm_modes_resume_bit_identically(tmp_path, norm):
+    """Per-step rows and inductive running statistics are saved with the weights: a few-shot run
+    stopped after its first iteration and resumed ends where an uninterrupted one does."""
+    from test_folder_dataset import make_folder, run_args
+
+    torch.set_default_dtype(torch.float32)  # images are float32 (the fixture restores float64 after)
+    root = make_folder(tmp_path / "imgs", 30, 4)
+    sets = [f"maml.norm={norm}", "maml.inner_steps=2", "maml.lslr=true", "maml.multi_step_loss=true"]
+    assert cli.main(run_args(tmp_path / "straight", root, *sets)) == 0
+    assert cli.main(run_args(tmp_path / "stopped", root, *sets, "train.time_limit=1e-9")) == 130
+    assert cli.main([*run_args(tmp_path / "stopped", root, *sets, "train.time_limit=0"), "--resume"]) == 0
+    a = torch.load(tmp_path / "straight/checkpoint.pt", weights_only=False)["learner"]
+    b = torch.load(tmp_path / "stopped/checkpoint.pt", weights_only=False)["learner"]
+    assert a.keys() == b.keys() and any(("running_mean" if norm == "inductive" else "norm.bias") in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
