@@ -521,6 +521,7 @@ def test_eval_json_records_the_norm_mode(tmp_path):
     assert cli.main(["eval", str(run)]) == 0
     results = json.loads((run / "eval.json").read_text())
     assert results["norm"] == "inductive"
+    assert "BatchNorm: inductive" in (run / "eval.md").read_text()
 
 
 @pytest.mark.slow

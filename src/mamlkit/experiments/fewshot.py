@@ -296,7 +296,9 @@ def format_table(results: dict, steps_shown=(0, 1, 3, 5, 10)) -> str:
         f"{results['dataset']} {results['n_way']}-way {results['k_shot']}-shot, {results['eval']['num_tasks']} test "
         f"tasks, accuracy % (mean ± 95% CI); weights: {src['checkpoint']} (iteration {src['iteration']}"
         + (f", validation accuracy {src['val_acc']:.3f}" if src.get("val_acc") is not None else "")
-        + f"); Omniglot resize: {results['resize']}.\n\n"
+        + f"); Omniglot resize: {results['resize']}"
+        + (f"; BatchNorm: {results['norm']}" if results.get("norm", "transductive") != "transductive" else "")
+        + ".\n\n"
     )
     lines = [
         "| query per class | " + " | ".join(map(steps_label, steps_shown)) + " |",
