@@ -297,3 +297,23 @@ def test_weights_and_biases_logs_beside_the_csv_and_a_resume_continues_its_run(t
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else object())
     assert train(tmp_path / "other", "--set", "train.wandb=proj") == 2
     assert "pip install wandb" in capsys.readouterr().err
+
+
+def test_a_resume_and_an_evaluation_read_each_checkpoints_weights_once(run, monkeypatch):
+    """The configs and schemas checked before a command map the checkpoint; only the command that
+    uses the weights reads them (a resume read every checkpoint three times, an evaluation of a run
+    with several models once per model per model)."""
+    reads: list[str] = []
+    real = torch.load
+
+    def counting(path, *args, **kwargs):
+        if not kwargs.get("mmap"):
+            reads.append(Path(path).name if isinstance(path, str | Path) else "?")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting)
+    assert train(run, "--resume", "--set", "train.iterations=6") == 0
+    assert reads == ["checkpoint.pt"], reads
+    reads.clear()
+    assert evaluate(run) == 0
+    assert reads.count("checkpoint.pt") + reads.count("best.pt") == 1, reads

@@ -24,16 +24,17 @@ _SCHEMA = {"iteration": int, "learner": dict}
 _TRAINING = {"rng": dict}
 
 
-def load(path: str | Path, map_location="cpu", training: bool = False) -> dict:
+def load(path: str | Path, map_location="cpu", training: bool = False, mmap: bool = False) -> dict:
     """A checkpoint's contents, checked for the keys mamlkit writes (``training``: those a resume
-    needs too); a file that cannot be read or lacks them raises ``CorruptCheckpoint``."""
+    needs too); a file that cannot be read or lacks them raises ``CorruptCheckpoint``. ``mmap``
+    maps the tensors instead of reading them: for a look at the config or the schema only."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"no checkpoint at {path}; train first with `mamlkit train ... --out {path.parent.parent}`"
         )
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:  # a truncated or foreign file
         raise CorruptCheckpoint(
             f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
@@ -78,6 +79,14 @@ def load_weights(module: nn.Module, state: dict, path: str | Path) -> None:
 
 class CorruptCheckpoint(RuntimeError):
     """A checkpoint file that exists but cannot be read or used; callers add what to do about it."""
+
+
+def resume_advice(model: str) -> str:
+    """What to do about a checkpoint that ``--resume`` cannot use (appended to the problem)."""
+    return (
+        f". --resume cannot continue from it; deleting it would restart {model} from iteration 0. "
+        "Restore the file from a copy, or train a new run with --out"
+    )
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict:

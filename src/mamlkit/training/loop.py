@@ -293,10 +293,7 @@ class Trainer:
 
     def restore(self) -> None:
         # Rank 0 reads the checkpoint and hands it to the others (no shared disk needed).
-        advice = (
-            f". --resume cannot continue from it; deleting it would restart {self.name} from iteration 0. "
-            "Restore the file from a copy, or train a new run with --out"
-        )
+        advice = ckpt.resume_advice(self.name)
         try:
             state = distributed.on_main(lambda: ckpt.load(self.checkpoint_path, training=True))
             ckpt.load_weights(self.learner, state, self.checkpoint_path)

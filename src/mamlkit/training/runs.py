@@ -189,7 +189,7 @@ def checkpoint_configs(run_dir: str | Path) -> dict[Path, dict]:
     out = {}
     for path in (p for p in found if p.is_file()):
         try:
-            state = ckpt.load(path)
+            state = ckpt.load(path, mmap=True)  # the config only: the weights stay on disk
         except ckpt.CorruptCheckpoint:
             continue
         if isinstance(state.get("config"), dict):
@@ -235,17 +235,17 @@ def reconcile(config_path: Path, current: dict | None, stored: dict, source: Pat
             lacking = sorted({k.split(".")[0] for k in _flat(stored) if k in theirs and k not in given})
             if not lacking:
                 return _run_settings(stored, current)
-            what = f"lacks settings ({', '.join(lacking)}; cut short?)"
+            what, keep_run_settings = f"lacks settings ({', '.join(lacking)}; cut short?)", True
         else:
-            what = "is not a valid config"
+            what, keep_run_settings = "is not a valid config", False
     else:
-        what = f"cannot be read ({unread})"
+        what, keep_run_settings = f"cannot be read ({unread})", False
     if distributed.is_main():
         print(
             f"note: {config_path} {what}; the run's settings are taken from the config stored in {source}, "
             "and a resume writes config.yaml whole again"
         )
-    return _run_settings(stored, current) if current is not None and what.startswith("lacks") else stored
+    return _run_settings(stored, current) if keep_run_settings else stored
 
 
 def _run_settings(stored: dict, current: dict) -> dict:
@@ -269,12 +269,9 @@ def check_before_resume(run_dir: str | Path, log_every: int) -> None:
         if not path.is_file():
             continue
         try:
-            iteration = ckpt.load(path, training=True)["iteration"]
+            iteration = ckpt.load(path, training=True, mmap=True)["iteration"]
         except ckpt.CorruptCheckpoint as e:
-            raise ckpt.CorruptCheckpoint(
-                f"{e}. --resume cannot continue from it; deleting it would restart {path.parent.name} from "
-                "iteration 0. Restore the file from a copy, or train a new run with --out"
-            ) from None
+            raise ckpt.CorruptCheckpoint(f"{e}{ckpt.resume_advice(path.parent.name)}") from None
         if iteration and (path.parent / "metrics.csv").exists():
             check_log(path.parent / "metrics.csv", iteration, log_every)
 
