@@ -2,6 +2,7 @@
 an independent computation in float64 (central finite differences, or MAML written by hand with
 torch.autograd), the schedules against their definitions, resume, refusals and the presets."""
 
+import csv
 import json
 import math
 
@@ -249,6 +250,9 @@ def test_cosine_and_mamlpp_options_resume_bit_identically_through_the_cli(tmp_pa
     for k in a["learner"]:
         assert torch.equal(a["learner"][k], b["learner"][k]), k
     assert a["update"]["param_groups"][0]["lr"] == b["update"]["param_groups"][0]["lr"] == cosine_lr(0.01, 1e-4, 23, 24)
+    with open(tmp_path / "stopped/maml/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[0]["meta_lr"]) <= 0.01 and float(rows[-1]["meta_lr"]) < float(rows[0]["meta_lr"])
     # The schedule's length is what train.iterations says: a resume may not change it.
     capsys.readouterr()
     assert cli.main([*train_args(tmp_path / "stopped", "train.iterations=30"), "--resume"]) == 2

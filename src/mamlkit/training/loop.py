@@ -168,6 +168,8 @@ class AdamUpdate:
                 if p.grad is not None:
                     p.grad.clamp_(-self.grad_clip, self.grad_clip)
         self.optimizer.step()
+        if self.lr_schedule != "constant":  # the step size taken, logged (a window's mean) beside the loss
+            return {"loss": loss, "meta_lr": self.optimizer.param_groups[0]["lr"]}
         return {"loss": loss}
 
     def state_dict(self) -> dict:
