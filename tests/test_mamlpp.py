@@ -321,8 +321,10 @@ def test_per_step_norm_uses_step_ks_row_at_step_k():
     assert torch.equal(maml._model_at(5)(params, x), maml._model_at(2)(params, x))
 
 
-def by_hand_per_step(maml, batch, steps):
-    """Per-step BatchNorm MAML by hand: the network written out, row k of the norm at step k."""
+def by_hand_per_step(maml, batch, steps, weights=None, size=lambda n, k: 0.1):
+    """Per-step BatchNorm MAML by hand: the network written out, row k of the norm at step k's
+    support forward and at the query after it; ``weights``: the multi-step loss's; ``size(name, k)``:
+    step k's step size of a parameter."""
     p0 = dict(maml.model.named_parameters())
     adapted = [n for n in p0 if n.startswith("fc")]
 
@@ -335,12 +337,16 @@ def by_hand_per_step(maml, batch, steps):
 
     losses = []
     for si, st, qi, qt in zip(*batch):
-        fast = dict(p0)
+        fast, total = dict(p0), 0.0
         for k in range(steps):
             loss = F.mse_loss(net(fast, si, k), st)
             grads = torch.autograd.grad(loss, [fast[n] for n in adapted], create_graph=True)
-            fast = {**fast, **{n: fast[n] - 0.1 * g for n, g in zip(adapted, grads)}}
-        losses.append(F.mse_loss(net(fast, qi, steps - 1), qt))
+            fast = {**fast, **{n: fast[n] - size(n, k) * g for n, g in zip(adapted, grads)}}
+            if weights is not None:
+                total = total + weights[k] * F.mse_loss(net(fast, qi, k), qt)
+        if weights is None:
+            total = F.mse_loss(net(fast, qi, steps - 1), qt)
+        losses.append(total)
     return torch.stack(losses).mean()
 
 
@@ -356,15 +362,22 @@ def test_per_step_norm_meta_gradient_matches_finite_differences_and_by_hand(stra
     assert_matches_fd(maml, batch)
 
 
-def test_per_step_norm_with_checkpoint_inner_and_msl_lslr_equals_the_loop():
+@pytest.mark.parametrize("strategy, checkpoint_inner", [("loop", False), ("vmap", False), ("loop", True)])
+def test_per_step_norm_with_msl_and_lslr_matches_by_hand(strategy, checkpoint_inner):
+    """The multi-step loss's query after step k uses row k, as that step's support forward did."""
     batch = make_batch()
     kw = {"adapt": ["fc*"], "multi_step_loss": True, "msl_iterations": 4, "lslr": True}
-    loop = per_step_maml(2, "loop", **kw)
-    ckpt = per_step_maml(2, "loop", checkpoint_inner=True, **kw)
-    for m in (loop, ckpt):
-        m.set_iteration(1)
-    for a, b in zip(grads_of(loop, batch), grads_of(ckpt, batch)):
-        torch.testing.assert_close(a, b)
+    maml = per_step_maml(3, strategy, checkpoint_inner=checkpoint_inner, **kw)
+    with torch.no_grad():  # distinct sizes per tensor and step
+        for i, v in enumerate(maml.step_lrs.values()):
+            v.copy_(0.05 + 0.02 * i + 0.03 * torch.arange(3))
+    maml.set_iteration(1)
+    w = msl_weights(3, 1, 4)
+    assert len(set(w)) == 2  # not uniform: a weight given to the wrong step shows
+    want = by_hand_per_step(maml, batch, 3, weights=w, size=lambda n, k: maml.step_lrs[_key(n)][k])
+    torch.testing.assert_close(maml.meta_loss(batch), want)
+    for g, r in zip(grads_of(maml, batch), torch.autograd.grad(want, list(maml.parameters()))):
+        torch.testing.assert_close(g, r)
 
 
 @pytest.mark.slow
