@@ -427,6 +427,55 @@ def test_inductive_norm_meta_gradient_matches_finite_differences(steps):
     assert_matches_fd(maml, make_batch())
 
 
+def test_inductive_norm_with_msl_matches_by_hand_at_training_and_evaluation():
+    """Training: batch statistics everywhere, running statistics accumulated from each task's
+    adapted query (the final step's, not the multi-step loss's earlier ones). Evaluation: the
+    support with its batch's statistics, the query with the running ones."""
+    torch.manual_seed(9)
+    kw = {"adapt": ["fc*"], "multi_step_loss": True, "msl_iterations": 4}
+    maml = MAML(BNNet(), inner_lr=0.1, inner_steps=2, norm="inductive", **kw)
+    maml.set_iteration(1)
+    batch = make_batch()
+    p0 = dict(maml.model.named_parameters())
+    adapted = [n for n in p0 if n.startswith("fc")]
+
+    def net(p, x, stats=None):
+        h = x @ p["fc1.weight"].T + p["fc1.bias"]
+        mean, var = stats if stats is not None else (h.mean(0), h.var(0, unbiased=False))
+        y = (h - mean) / torch.sqrt(var + 1e-5) * p["norm.weight"] + p["norm.bias"]
+        return torch.tanh(y) @ p["fc2.weight"].T + p["fc2.bias"], h
+
+    def trail(si, st):
+        fast, out = dict(p0), [dict(p0)]
+        for _ in range(2):
+            grads = torch.autograd.grad(F.mse_loss(net(fast, si)[0], st), [fast[n] for n in adapted], create_graph=True)
+            fast = {**fast, **{n: fast[n] - 0.1 * g for n, g in zip(adapted, grads)}}
+            out.append(fast)
+        return out
+
+    w = msl_weights(2, 1, 4)
+    mean, var = torch.zeros(5), torch.ones(5)
+    losses = []
+    for si, st, qi, qt in zip(*batch):
+        ps = trail(si, st)
+        losses.append(sum(w[k] * F.mse_loss(net(ps[k + 1], qi)[0], qt) for k in range(2)))
+        h = net(ps[-1], qi)[1].detach()
+        mean, var = 0.9 * mean + 0.1 * h.mean(0), 0.9 * var + 0.1 * h.var(0, unbiased=True)
+    want = torch.stack(losses).mean()
+    maml.zero_grad(set_to_none=True)
+    got = maml.meta_loss(batch)  # once: each call accumulates
+    got.backward()
+    torch.testing.assert_close(got, want)
+    for p, r in zip(maml.parameters(), torch.autograd.grad(want, list(maml.parameters()))):
+        torch.testing.assert_close(p.grad, r)
+    torch.testing.assert_close(maml.model.norm.running_mean, mean)
+    torch.testing.assert_close(maml.model.norm.running_var, var)
+    curve = maml.adaptation_curve(batch, 2)["loss"]
+    for t, (si, st, qi, qt) in enumerate(zip(*batch)):
+        for s, p in enumerate(trail(si, st)):
+            torch.testing.assert_close(curve[t, s], F.mse_loss(net(p, qi, (mean, var))[0], qt))
+
+
 def test_inductive_norm_with_checkpoint_inner_equals_the_loop():
     batch = make_batch()
     learners = []

@@ -663,7 +663,8 @@ class MAML(nn.Module):
                 p, total = params, None
                 for k, lr_k in enumerate(lrs):
                     p = self._inner_step(p, si, st, lr_k, create_graph, k)
-                    out = self._model_at(k, "accumulate")(p, qi)
+                    # Inductive running statistics are those of adapted queries: the final step's alone.
+                    out = self._model_at(k, "accumulate" if k == last else "batch")(p, qi)
                     term = weights[k] * self.query_loss_fn(out, qt)
                     total = term if total is None else total + term
                 return total, out
