@@ -177,6 +177,18 @@ def test_derivative_order_annealing_is_first_order_then_second_order(strategy):
         torch.testing.assert_close(g, r)
 
 
+def test_first_order_set_after_construction_still_takes_effect():
+    """With the options off, ``create_graph`` reads ``first_order`` at each call, as before them."""
+    torch.manual_seed(3)
+    model = tiny()
+    batch = make_batch()
+    maml = MAML(model, inner_lr=0.2, inner_steps=2)
+    maml.first_order = True
+    fomaml = by_hand(model, batch, lambda n, k: 0.2, 2, first_order=True)
+    for g, w in zip(grads_of(maml, batch), torch.autograd.grad(fomaml, list(model.parameters()))):
+        torch.testing.assert_close(g, w)
+
+
 def test_auto_measures_the_strategies_again_at_the_switch():
     torch.manual_seed(4)
     maml = MAML(tiny(), inner_lr=0.1, inner_steps=1, first_order_iterations=2, strategy="auto")

@@ -154,9 +154,9 @@ class MAML(nn.Module):
         self.msl_iterations = msl_iterations
         self.first_order_iterations = first_order_iterations
         self.iteration = 0
-        # Whether this iteration takes first-order steps: read inside the (compiled) meta-batch
-        # computation, it changes once, at the switch, never per iteration.
-        self._fo_now = first_order or first_order_iterations > 0
+        # Whether this iteration is in derivative-order annealing's first-order phase: read inside the
+        # (compiled) meta-batch computation, it changes once, at the switch, never per iteration.
+        self._fo_now = first_order_iterations > 0
         _check_running_stats(model)
         self.model = model
         self.fmodel = FunctionalModel(model)
@@ -257,7 +257,7 @@ class MAML(nn.Module):
         Under ``strategy="auto"`` the switch to second order re-measures the strategies on the
         next meta-batch (their ranking can change with the order)."""
         self.iteration = check_steps(iteration, "iteration")
-        first_order = self.first_order or self.iteration < self.first_order_iterations
+        first_order = self.iteration < self.first_order_iterations
         if first_order != self._fo_now:
             self._fo_now = first_order
             if self._strategy_chosen and len(self._candidates) > 1:
@@ -655,7 +655,7 @@ class MAML(nn.Module):
             lrs = [self._lslr_at(lr, k) for k in range(self.inner_steps)]
         else:
             lrs = [self.inner_lr if lr is None else lr] * self.inner_steps
-        create_graph = not self._fo_now
+        create_graph = not (self.first_order or self._fo_now)
         last = max(self.inner_steps - 1, 0)
 
         def one_task(si, st, qi, qt):
