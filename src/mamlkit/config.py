@@ -183,7 +183,7 @@ def check_maml(maml: MAMLConfig, train: TrainConfig | None = None) -> None:
     size's schedule, refused as ``MAML(...)`` would refuse them, before a run starts."""
     problems = []
     try:
-        check_options(**{k: v for k, v in kwargs_for(check_options, maml).items()})
+        check_options(**kwargs_for(check_options, maml))
     except ValueError as e:
         problems.append(f"maml: {e}")
     if train is not None and train.lr_schedule == "cosine" and train.min_meta_lr > train.meta_lr:

@@ -131,7 +131,6 @@ class MAML(nn.Module):
             learn_inner_lr=learn_inner_lr,
             strategy=strategy,
             compile=compile,
-            checkpoint_inner=checkpoint_inner,
             multi_step_loss=multi_step_loss,
             msl_iterations=msl_iterations,
             lslr=lslr,
@@ -307,6 +306,8 @@ class MAML(nn.Module):
         return self.fmodel
 
     def _step_buffers(self, step: int) -> dict[str, Tensor]:
+        """The per-step layers' ``step`` buffers for inner step ``step``: one index tensor per step,
+        made once (again after the model moves device), so no call creates a tensor."""
         device = self._per_step_layers[0].step.device
         if not self._step_cache or next(iter(self._step_cache[0].values())).device != device:
             self._step_cache = [

@@ -61,7 +61,6 @@ def check_options(
     learn_inner_lr: bool = False,
     strategy: str = "auto",
     compile: bool = False,
-    checkpoint_inner: bool = False,
     multi_step_loss: bool = False,
     msl_iterations: int = 0,
     lslr: bool = False,

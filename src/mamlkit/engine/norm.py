@@ -63,10 +63,10 @@ class PerStepBatchNorm(_Norm):
     def __init__(self, num_features: int, steps: int, eps: float, weight: Tensor | None, bias: Tensor | None):
         super().__init__(num_features, eps)
         self.steps = steps
-        rows = lambda t: nn.Parameter(t.detach().clone().reshape(1, -1).repeat(steps, 1))  # noqa: E731
-        self.weight = rows(weight) if weight is not None else None
-        self.bias = rows(bias) if bias is not None else None
-        device = (weight if weight is not None else bias).device if (weight is not None or bias is not None) else None
+        self.weight = _rows(weight, steps) if weight is not None else None
+        self.bias = _rows(bias, steps) if bias is not None else None
+        like = weight if weight is not None else bias
+        device = like.device if like is not None else None
         self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -82,6 +82,11 @@ class PerStepBatchNorm(_Norm):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, steps={self.steps}, eps={self.eps}"
+
+
+def _rows(t: Tensor, steps: int) -> nn.Parameter:
+    """``t`` (one value per channel) repeated as ``steps`` rows, a new parameter."""
+    return nn.Parameter(t.detach().clone().reshape(1, -1).repeat(steps, 1))
 
 
 class InductiveBatchNorm(_Norm):
