@@ -503,8 +503,17 @@ def test_inductive_norm_with_checkpoint_inner_equals_the_loop():
 
 
 def test_torch_batch_norm_is_converted_and_no_norm_is_refused():
-    maml = MAML(BNNet(nn.BatchNorm1d(5)), inner_lr=0.1, inner_steps=2, norm="per_step", strategy="vmap")
+    torch.manual_seed(10)
+    net = BNNet(nn.BatchNorm1d(5, eps=1e-3))
+    with torch.no_grad():  # an affine transform and eps that a conversion dropping them would show
+        net.norm.weight.uniform_(0.5, 1.5)
+        net.norm.bias.normal_()
+    x = make_batch().support_inputs[0]
+    want = net(x)  # training mode: batch statistics, as every row of the converted layer
+    maml = MAML(net, inner_lr=0.1, inner_steps=2, norm="per_step", strategy="vmap")
     assert isinstance(maml.model.norm, PerStepBatchNorm)  # plain tensor ops: exact under vmap
+    for k in range(2):
+        torch.testing.assert_close(maml._model_at(k)(maml.params(), x), want)
     assert_matches_fd(maml, make_batch())
     with pytest.raises(ValueError, match="found no batch normalisation layer"):
         MAML(tiny(), norm="per_step")
