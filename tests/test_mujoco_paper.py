@@ -1,7 +1,10 @@
 """The paper variant of the MuJoCo families (``env.variant: paper``): rllab's environments as the
 official code defined them. The batched sampler against the ``*PaperEnv`` classes (whole episodes,
-terminations, per-task parameters, seeds), and the definitions themselves: models, observations,
-the centre-of-mass velocity, resets, rewards, the config setting and a tiny training run."""
+terminations, per-task parameters, seeds), and the definitions themselves, independently of both:
+models attribute by attribute against rllab's files, observations, rewards and ends against rllab's
+formulas applied to a fresh MjData rebuilt from the raw state, the centre-of-mass velocity by two
+roads, the ant's gear 150 against rllab's gear 1 behind ``normalize``, resets, the config setting
+and a tiny training run."""
 
 from pathlib import Path
 
@@ -209,6 +212,24 @@ def test_paper_ant_model_is_rllabs():
     # the policy's [-1, 1] is rllab's normalize() range: 150 N m at full action
     np.testing.assert_array_equal(m.actuator_ctrlrange, np.tile([-1.0, 1.0], (8, 1)))
     np.testing.assert_array_equal(m.actuator_gear[:, 0], 150)
+    # rllab's vendor/mujoco_models/ant.xml, attribute by attribute: geom defaults condim 3,
+    # conaffinity 0 (the floor 1), margin 0.01, friction 1 0.5 0.5; joints armature 1 and damping 1
+    # (the free root 0 and 0), limited; motors on hip_4, ankle_4, hip_1 ... ankle_3
+    floor = m.geom("floor").id
+    assert (m.geom_condim == 3).all() and (m.geom_contype == 1).all()
+    np.testing.assert_array_equal(m.geom_conaffinity, [1 if g == floor else 0 for g in range(m.ngeom)])
+    robot = np.arange(m.ngeom) != floor
+    np.testing.assert_allclose(m.geom_margin[robot], 0.01)
+    np.testing.assert_allclose(m.geom_friction[robot], np.tile([1.0, 0.5, 0.5], (m.ngeom - 1, 1)))
+    np.testing.assert_array_equal(m.dof_armature, [0] * 6 + [1] * 8)
+    np.testing.assert_array_equal(m.dof_damping, [0] * 6 + [1] * 8)
+    np.testing.assert_array_equal(m.jnt_limited, [0] + [1] * 8)
+    np.testing.assert_allclose(np.degrees(m.jnt_range[1::2]), np.tile([-30, 30], (4, 1)))
+    np.testing.assert_allclose(np.degrees(m.jnt_range[2::2]), [[30, 70], [-70, -30], [-70, -30], [30, 70]])
+    names = [m.joint(int(j)).name for j in m.actuator_trnid[:, 0]]
+    assert names == ["hip_4", "ankle_4", "hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3"]
+    assert (m.actuator_ctrllimited == 1).all()
+    assert m.body_mass[m.body("torso").id] == pytest.approx(5.0 * 4 / 3 * np.pi * 0.25**3)  # density 5
     env = make("ant_dir", 1.0).unwrapped
     assert env.dt == 0.02 and env.frame_skip == 1
     # the bodies are gymnasium's Ant-v5 bodies: the same masses, inertias, joints and geoms
@@ -235,8 +256,26 @@ def test_paper_halfcheetah_model_is_rllabs():
         "geom_friction",
         "actuator_gear",
         "actuator_ctrlrange",
+        "body_pos",
+        "geom_pos",
+        "geom_quat",
+        "geom_solref",
+        "jnt_solref",
+        "jnt_solimp",
+        "jnt_axis",
     ):
         np.testing.assert_allclose(getattr(m, field), getattr(g, field), rtol=0, atol=1e-12, err_msg=field)
+    # and rllab's vendor/mujoco_models/half_cheetah.xml, attribute by attribute
+    np.testing.assert_allclose(m.opt.gravity, [0, 0, -9.81])
+    np.testing.assert_array_equal(m.actuator_gear[:, 0], [120, 90, 60, 120, 60, 30])
+    np.testing.assert_array_equal(m.jnt_stiffness, [0, 0, 0, 240, 180, 120, 180, 120, 60])
+    np.testing.assert_array_equal(m.dof_damping, [0, 0, 0, 6, 4.5, 3, 4.5, 3, 1.5])
+    np.testing.assert_array_equal(m.dof_armature, [0, 0, 0] + [0.1] * 6)
+    np.testing.assert_allclose(m.geom_friction[1:], np.tile([0.4, 0.1, 0.1], (m.ngeom - 1, 1)))
+    np.testing.assert_allclose(m.geom_solimp[1:, :3], np.tile([0.0, 0.8, 0.01], (m.ngeom - 1, 1)))
+    np.testing.assert_allclose(m.jnt_solimp[3:, :3], np.tile([0.0, 0.8, 0.03], (6, 1)))
+    ranges = [[-0.52, 1.05], [-0.785, 0.785], [-0.4, 0.785], [-1, 0.7], [-1.2, 0.87], [-0.5, 0.5]]
+    np.testing.assert_allclose(m.jnt_range[3:], ranges)
     assert make("halfcheetah_dir", 1.0).unwrapped.dt == 0.01
 
 
@@ -288,6 +327,111 @@ def test_the_reward_velocity_is_the_torso_centre_of_mass_velocity(name):
         assert r == pytest.approx(forward - costs, rel=1e-9, abs=1e-9)
         if term:
             break
+
+
+def rllab_fresh(model, qpos, qvel, ctrl):
+    """A new MjData at ``(qpos, qvel)`` with ``ctrl`` applied, then ``mj_forward`` and the contact
+    forces: the state rllab's ``forward_dynamics`` (1.31's forward) left behind, rebuilt from the
+    raw state alone (no simulator history)."""
+    f = mujoco.MjData(model)
+    f.qpos[:], f.qvel[:], f.ctrl[:] = qpos, qvel, ctrl
+    mujoco.mj_forward(model, f)
+    mujoco.mj_rnePostConstraint(model, f)
+    return f
+
+
+def rllab_obs(name, model, f, body):
+    """rllab's ``get_current_obs`` written out from the raw arrays: half-cheetah ``qpos[1:], qvel,
+    com_subtree[torso]``; ant ``qpos, qvel, clip(cfrc_ext, -1, 1), xmat[torso], com_subtree[torso]``."""
+    if name.startswith("halfcheetah"):
+        return np.concatenate([f.qpos.flatten()[1:], f.qvel.flat, f.subtree_com[body].flat])
+    parts = [f.qpos.flat, f.qvel.flat, np.clip(f.cfrc_ext, -1, 1).flat, f.xmat[body].flat, f.subtree_com[body]]
+    return np.concatenate(parts).reshape(-1)
+
+
+def rllab_step(name, goal, model, f, body, policy_action):
+    """rllab's ``step`` behind ``normalize`` on rllab's own bounds (the ant's ±150 with gear 1, the
+    half-cheetah's ±1): the action scaled and clipped by ``normalize``, then the reward and ``done``
+    of ``AntEnvRand``/``AntEnvRandDirec``/``HalfCheetahEnvRand``/``HalfCheetahEnvRandDirec``."""
+    ant = name.startswith("ant")
+    lb, ub = (np.full(8, -150.0), np.full(8, 150.0)) if ant else (np.full(6, -1.0), np.full(6, 1.0))
+    action = np.clip(lb + (policy_action + 1.0) * 0.5 * (ub - lb), lb, ub)
+    comvel, _ = rllab_comvel(model, f.qpos, f.qvel, body)
+    if ant:
+        if name.endswith("vel"):
+            forward = -np.abs(comvel[0] - goal) + 1.0
+        else:
+            forward = goal * comvel[0]
+        ctrl_cost = 0.5 * 1e-2 * np.sum(np.square(action / ((ub - lb) * 0.5)))
+        contact_cost = 0.5 * 1e-3 * np.sum(np.square(np.clip(f.cfrc_ext, -1, 1)))
+        reward = forward - ctrl_cost - contact_cost + 0.05
+        state = np.concatenate([f.qpos.flat, f.qvel.flat])
+        done = not (np.isfinite(state).all() and 0.2 <= state[2] <= 1.0)
+        return float(reward), done
+    action = np.clip(action, lb, ub)
+    ctrl_cost = 1e-1 * 0.5 * np.sum(np.square(action))
+    run_cost = np.abs(comvel[0] - goal) if name.endswith("vel") else goal * -1 * comvel[0]
+    return -(ctrl_cost + run_cost), False
+
+
+@pytest.mark.parametrize("name", list(MUJOCO))
+def test_paper_env_matches_rllab_recomputed_from_the_raw_state(name):
+    """Each observation, reward and end of the ``*PaperEnv`` against rllab's definitions applied to
+    a fresh MjData built from the state alone, with actions well past the bounds: so an observation
+    or a contact force taken before the step's ``mj_forward``, a cost on the unclipped action or a
+    wrong order of the parts fails here, not only in the batched sampler that copies the class."""
+    goal = TASK[name]
+    env = make(name, goal)
+    u = env.unwrapped
+    m, body = u.model, u.torso
+    o, _ = env.reset(seed=5)
+    f = rllab_fresh(m, u.data.qpos, u.data.qvel, np.zeros(m.nu))  # rllab's reset: ctrl = init_ctrl = 0
+    np.testing.assert_allclose(o, rllab_obs(name, m, f, body), rtol=0, atol=1e-9)
+    rng = np.random.default_rng(5)
+    clipped = touching = 0
+    for t in range(120):
+        a = rng.normal(0.0, 2.0, m.nu)
+        clipped += int((np.abs(a) > 1).any())
+        o, r, term, _, _ = env.step(a)
+        f = rllab_fresh(m, u.data.qpos, u.data.qvel, np.clip(a, -1, 1))  # gear 150 on [-1, 1]: see below
+        np.testing.assert_allclose(o, rllab_obs(name, m, f, body), rtol=0, atol=1e-9, err_msg=f"step {t}")
+        r_ref, done = rllab_step(name, goal, m, f, body, a)
+        assert r == pytest.approx(r_ref, rel=1e-9, abs=1e-9), t
+        assert term == done, t
+        touching += int(np.abs(f.cfrc_ext).max() > 0)
+        if term:
+            break
+    assert clipped > 10
+    if name.startswith("ant"):  # contact forces in the observation and the cost, not trivially 0
+        assert touching > 10
+
+
+def test_paper_ant_gear_150_is_rllabs_gear_1_behind_normalize():
+    """rllab's ant motors (gear 1, ctrlrange ±150) driven by ``normalize``'s scaled action move the
+    robot as the paper model's gear 150 on [-1, 1] driven by the clipped policy action."""
+    text = Path(paper_model_path("ant")).read_text()
+    ours = '<motor ctrllimited="true" ctrlrange="-1 1" gear="150"/>'
+    assert text.count(ours) == 1
+    m1 = load_model(paper_model_path("ant"))
+    m2 = mujoco.MjModel.from_xml_string(text.replace(ours, '<motor ctrllimited="true" ctrlrange="-150 150"/>'))
+    np.testing.assert_array_equal(m2.actuator_gear[:, 0], 1)
+    d1, d2 = mujoco.MjData(m1), mujoco.MjData(m2)
+    rng = np.random.default_rng(0)
+    qpos = initial_qpos(m1) + 0.01 * rng.standard_normal(m1.nq)
+    qvel = 0.1 * rng.standard_normal(m1.nv)
+    for m, d in ((m1, d1), (m2, d2)):
+        d.qpos[:], d.qvel[:] = qpos, qvel
+        mujoco.mj_forward(m, d)
+    lb, ub = m2.actuator_ctrlrange.T
+    for _ in range(50):
+        a = rng.normal(0.0, 2.0, 8)
+        d1.ctrl[:] = np.clip(a, -1, 1)
+        d2.ctrl[:] = np.clip(lb + (a + 1.0) * 0.5 * (ub - lb), lb, ub)
+        mujoco.mj_step(m1, d1)
+        mujoco.mj_step(m2, d2)
+        np.testing.assert_allclose(d1.qfrc_actuator, d2.qfrc_actuator, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(d1.qpos, d2.qpos, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(d1.qvel, d2.qvel, rtol=0, atol=1e-8)
 
 
 def test_paper_reset_noise_is_rllabs():
