@@ -317,3 +317,29 @@ def test_a_resume_and_an_evaluation_read_each_checkpoints_weights_once(run, monk
     reads.clear()
     assert evaluate(run) == 0
     assert reads.count("checkpoint.pt") + reads.count("best.pt") == 1, reads
+
+
+def test_a_resume_keeps_the_strategy_auto_chose(tmp_path, monkeypatch):
+    """`auto` times the strategies, and timing can rank them differently from one start to the
+    next; each rounds differently, so a resume that chose anew would not continue its run. The
+    checkpoint records the choice and a resume keeps it, even where timing would now pick the other."""
+    from mamlkit.engine import maml as engine
+
+    def timing_favours(strategy):
+        return lambda run, candidates, *a, **k: {s: (0.5 if s == strategy else 1.0) for s in candidates}
+
+    auto = ["--set", "maml.strategy=auto", "--set", "train.checkpoint_every=2"]
+    whole, half = tmp_path / "whole", tmp_path / "half"
+    monkeypatch.setattr(engine, "fastest", timing_favours("vmap"))
+    engine._MEASURED.clear()
+    assert train(whole, *auto, "--set", "train.iterations=4") == 0
+    assert train(half, *auto, "--set", "train.iterations=2") == 0
+    assert torch.load(half / "maml/checkpoint.pt", weights_only=False)["strategy"] == "vmap"
+
+    monkeypatch.setattr(engine, "fastest", timing_favours("loop"))  # a new start, where timing disagrees
+    engine._MEASURED.clear()  # as in a new process
+    assert train(half, *auto, "--resume", "--set", "train.iterations=4") == 0
+    a = torch.load(whole / "maml/checkpoint.pt", weights_only=False)
+    b = torch.load(half / "maml/checkpoint.pt", weights_only=False)
+    assert b["strategy"] == "vmap"
+    assert all(torch.equal(a["learner"][k], b["learner"][k]) for k in a["learner"])

@@ -216,6 +216,7 @@ class MAML(nn.Module):
         self._cuda_graphs = cuda_graphs
         self._fns: dict[str, Callable] = {}
         self._strategy_chosen = False
+        self._kept_strategy: str | None = None  # a resumed run's choice, used instead of timing once
         self._vmap_failed_without_graph = False
         # One torch.func.grad transform over the meta-loss beats autograd's backward once compiled
         # (a single compiled graph, no autograd graph to walk), but not in eager mode, where
@@ -261,6 +262,14 @@ class MAML(nn.Module):
             self._fo_now = first_order
             if self._strategy_chosen and len(self._candidates) > 1:
                 self._strategy_chosen = False
+
+    def keep_strategy(self, strategy: str) -> None:
+        """Under ``strategy="auto"``, take ``strategy`` as the next choice instead of timing the
+        candidates (the model's checks still run; a strategy they rule out is timed as usual). A
+        resumed run keeps the strategy it trained with: timing can rank the strategies differently
+        from one start to the next, and each rounds differently in float32, so a resume that chose
+        anew would not continue the run it resumes."""
+        self._kept_strategy = strategy
 
     def msl_weights(self) -> list[float] | None:
         """The multi-step loss's weights at this iteration (None: the final query loss alone)."""
@@ -481,6 +490,11 @@ class MAML(nn.Module):
         self._strategy_chosen = True
         if len(self._candidates) < 2:
             self._log_choice(why)
+            return
+        kept, self._kept_strategy = self._kept_strategy, None
+        if kept in self._candidates:
+            self.strategy = kept
+            self._log_choice("the strategy the run trained with, kept from the checkpoint it resumed from")
             return
         params = self.params()
         leaves = [p for p in params.values() if p.requires_grad]

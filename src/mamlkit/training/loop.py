@@ -248,6 +248,7 @@ class Trainer:
                 "update": self.update.state_dict(),
                 "rng": ckpt.rng_state(self.generator),
                 "best": self.best,
+                **self._strategy(),
                 **self.metadata,
             },
             self.checkpoint_path,
@@ -293,6 +294,13 @@ class Trainer:
             self.run_dir / BEST,
         )
 
+    def _strategy(self) -> dict:
+        """The strategy ``auto`` chose, for a resume to keep (``MAML.keep_strategy``)."""
+        learner = self.learner
+        if getattr(learner, "_requested", None) == "auto" and getattr(learner, "_strategy_chosen", False):
+            return {"strategy": learner.strategy}
+        return {}
+
     def restore(self) -> None:
         # Rank 0 reads the checkpoint and hands it to the others (no shared disk needed).
         advice = ckpt.resume_advice(self.name)
@@ -327,6 +335,8 @@ class Trainer:
             )
         self.iteration = state["iteration"]
         self.best = state.get("best", float("-inf"))
+        if isinstance(state.get("strategy"), str) and hasattr(self.learner, "keep_strategy"):
+            self.learner.keep_strategy(state["strategy"])
 
     def fit(self, resume: bool = False, progress: bool = True) -> bool:
         """Train to ``iterations``; returns False if stopped early (checkpoint saved).
