@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("mujoco")
 gym = pytest.importorskip("gymnasium")
 
+from helpers import step_beside_references  # noqa: E402
 from mamlkit.engine.functional import FunctionalModel  # noqa: E402
 from mamlkit.rl import envs  # noqa: E402, F401  (registers the gymnasium environments)
 from mamlkit.rl.config import RLEnvConfig  # noqa: E402
@@ -32,37 +33,18 @@ def _mujoco_log_in_tmp(tmp_path, monkeypatch):
 
 
 def compare_episodes(name, backend, frame_skip=None, dtype=np.float64, n=3, steps=200, tasks=None):
-    """Step ``n`` batched copies and ``n`` gymnasium envs from the same seeds with the same
-    actions (spread past the bounds, so clipping matters); return each copy's terminal step."""
+    """Step ``n`` batched copies and ``n`` gymnasium envs from the same seeds with the same actions;
+    return each copy's terminal step."""
     gym_id, key, value = GYM[name]
     tasks = [value] * n if tasks is None else tasks
     env = BatchedMujoco(name, n, frame_skip=frame_skip, threads=2, backend=backend)
     env.set_tasks(tasks)
-    seeds = [100 + i for i in range(n)]
-    obs = env.reset(seeds=seeds)
     kwargs = {"frame_skip": frame_skip} if frame_skip else {}
     refs = [gym.make(gym_id, **kwargs) for _ in range(n)]
-    for ref, seed, task, o in zip(refs, seeds, tasks, obs):
+    for ref, task in zip(refs, tasks):
         ref.unwrapped.set_task({key: task})
-        np.testing.assert_allclose(ref.reset(seed=seed)[0], o, rtol=0, atol=1e-9)
-    rng = np.random.default_rng(0)
     scale = 3.0 if "ant" in name else 1.5
-    alive, ends = np.ones(n, dtype=bool), [None] * n
-    for t in range(steps):
-        actions = rng.normal(0.0, scale, (n, env.act_dim)).astype(dtype)
-        obs, reward, terminated = env.step(actions, alive)
-        for i in np.flatnonzero(alive):
-            o, r, term, _, _ = refs[i].step(actions[i])
-            np.testing.assert_allclose(obs[i], o, rtol=0, atol=1e-9, err_msg=f"copy {i} step {t}")
-            assert abs(reward[i] - r) <= 1e-9, (i, t, reward[i], r)
-            assert terminated[i] == term, (i, t)
-            if term:
-                ends[i] = t
-        alive &= ~terminated
-        if not alive.any():
-            break
-    env.close()
-    return ends
+    return step_beside_references(env, refs, [100 + i for i in range(n)], scale, steps, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

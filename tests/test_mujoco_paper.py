@@ -18,6 +18,7 @@ gym = pytest.importorskip("gymnasium")
 
 from gymnasium.envs.mujoco.mujoco_env import expand_model_path  # noqa: E402
 
+from helpers import step_beside_references  # noqa: E402
 from mamlkit import cli  # noqa: E402
 from mamlkit.config import ConfigError  # noqa: E402
 from mamlkit.engine.functional import FunctionalModel  # noqa: E402
@@ -54,34 +55,14 @@ def make(name, task=None, **kwargs):
 
 def compare_episodes(name, backend, n=3, steps=200, tasks=None, dtype=np.float64, scale=None, frame_skip=None):
     """Step ``n`` batched copies of the paper variant and ``n`` ``*PaperEnv`` environments from the
-    same seeds with the same actions (spread past the bounds); return each copy's terminal step."""
+    same seeds with the same actions; return each copy's terminal step."""
     tasks = [TASK[name]] * n if tasks is None else tasks
     env = BatchedMujoco(name, n, frame_skip=frame_skip, threads=2, backend=backend, variant="paper")
     env.set_tasks(tasks)
-    seeds = [100 + i for i in range(n)]
-    obs = env.reset(seeds=seeds)
     kwargs = {"frame_skip": frame_skip} if frame_skip else {}
     refs = [make(name, t, **kwargs) for t in tasks]
-    for ref, seed, o in zip(refs, seeds, obs):
-        np.testing.assert_allclose(ref.reset(seed=seed)[0], o, rtol=0, atol=1e-9)
-    rng = np.random.default_rng(0)
     scale = scale or (3.0 if "ant" in name else 1.5)
-    alive, ends = np.ones(n, dtype=bool), [None] * n
-    for t in range(steps):
-        actions = rng.normal(0.0, scale, (n, env.act_dim)).astype(dtype)
-        obs, reward, terminated = env.step(actions, alive)
-        for i in np.flatnonzero(alive):
-            o, r, term, _, _ = refs[i].step(actions[i])
-            np.testing.assert_allclose(obs[i], o, rtol=0, atol=1e-9, err_msg=f"copy {i} step {t}")
-            assert abs(reward[i] - r) <= 1e-9, (i, t, reward[i], r)
-            assert terminated[i] == term, (i, t)
-            if term:
-                ends[i] = t
-        alive &= ~terminated
-        if not alive.any():
-            break
-    env.close()
-    return ends
+    return step_beside_references(env, refs, [100 + i for i in range(n)], scale, steps, dtype)
 
 
 # --- the batched sampler reproduces the environment classes ------------------------------------
