@@ -1,4 +1,4 @@
-"""The ``mamlkit`` command: train, eval, plot, presets."""
+"""The ``mamlkit`` command: train, eval, plot, compare, presets."""
 
 from __future__ import annotations
 
@@ -218,6 +218,15 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare
+
+    labels = args.labels.split(",") if args.labels else None
+    for path in compare(args.run_dirs, args.out, labels=labels, key=args.key, name=args.name):
+        print(f"written: {path}")
+    return 0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -271,6 +280,15 @@ def parser() -> argparse.ArgumentParser:
         "--name", help="draw the evaluation eval-NAME.json (`mamlkit eval --name NAME`) into RUN_DIR/plots/eval-NAME/"
     )
     pl.set_defaults(func=cmd_plot)
+    c = sub.add_parser(
+        "compare", help="draw runs' validation curves against iterations and training time, and tabulate them"
+    )
+    c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    c.add_argument("--out", required=True, help="folder for the figure and compare.md")
+    c.add_argument("--labels", metavar="L1,L2", help="a label per run, in order (default: the directory names)")
+    c.add_argument("--key", default="val_acc", help="the metrics.csv column compared (default: val_acc)")
+    c.add_argument("--name", help="tabulate each run's eval-NAME.json instead of eval.json")
+    c.set_defaults(func=cmd_compare)
     pr = sub.add_parser("presets", help="list the shipped presets, or print one resolved")
     pr.add_argument(
         "name", nargs="?", help="print this preset (or YAML file) as the run would use it, its base presets merged"
