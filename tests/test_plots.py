@@ -88,6 +88,11 @@ def test_compare_draws_each_run_against_iterations_and_training_time(tmp_path, f
     # each run's best validation figure with its iteration, and the test accuracy after its own inner steps
     assert "| MAML |" in table and "75.00 (300)" in table and "71.00 ± 0.20 (2 steps)" not in table
     assert "70.00 ± 0.10 (1 step)" in table and "80.00 ± 0.20 (2 steps)" in table and "90.00 (400)" in table
+    compare.compare([a, b], tmp_path / "out", steps=2)  # every run after the same number of steps
+    table = (tmp_path / "out" / "compare.md").read_text()
+    assert "71.00 ± 0.20 (2 steps)" in table and "80.00 ± 0.20 (2 steps)" in table
+    compare.compare([a, b], tmp_path / "out", steps=5)
+    assert (tmp_path / "out" / "compare.md").read_text().count("– (evaluated to 2 steps)") == 2
 
 
 def test_compare_refuses_what_it_cannot_compare_with_the_fix(tmp_path, capsys):

@@ -222,7 +222,7 @@ def cmd_compare(args) -> int:
     from .compare import compare
 
     labels = args.labels.split(",") if args.labels else None
-    for path in compare(args.run_dirs, args.out, labels=labels, key=args.key, name=args.name):
+    for path in compare(args.run_dirs, args.out, labels=labels, key=args.key, name=args.name, steps=args.steps):
         print(f"written: {path}")
     return 0
 
@@ -288,6 +288,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--labels", metavar="L1,L2", help="a label per run, in order (default: the directory names)")
     c.add_argument("--key", default="val_acc", help="the metrics.csv column compared (default: val_acc)")
     c.add_argument("--name", help="tabulate each run's eval-NAME.json instead of eval.json")
+    c.add_argument(
+        "--steps", type=int, help="test accuracy after this many inner steps (default: each run's training steps)"
+    )
     c.set_defaults(func=cmd_compare)
     pr = sub.add_parser("presets", help="list the shipped presets, or print one resolved")
     pr.add_argument(

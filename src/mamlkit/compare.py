@@ -61,14 +61,17 @@ def read_run(run_dir: Path, key: str, name: str | None = None) -> dict:
     }
 
 
-def _test_cell(run: dict) -> str:
-    """A few-shot evaluation's accuracy (the paper's query protocol) after the run's own number of
-    inner steps, ± its 95% interval."""
+def _test_cell(run: dict, steps: int | None) -> str:
+    """A few-shot evaluation's accuracy (the paper's query protocol) after ``steps`` inner steps
+    (None: the run's own training steps), ± its 95% interval."""
     ev = run["eval"]
     if not ev or "protocols" not in ev:
         return "–"
     protocol = ev["protocols"].get("paper") or next(iter(ev["protocols"].values()))
-    steps = min(int(run["config"].get("maml", {}).get("inner_steps", 1)), len(protocol["acc"]) - 1)
+    if steps is None:
+        steps = int(run["config"].get("maml", {}).get("inner_steps", 1))
+    if steps >= len(protocol["acc"]):
+        return f"– (evaluated to {len(protocol['acc']) - 1} steps)"
     return f"{protocol['acc'][steps]:.2f} ± {protocol['ci95'][steps]:.2f} ({steps} step{'s' * (steps != 1)})"
 
 
@@ -78,9 +81,11 @@ def compare(
     labels: list[str] | None = None,
     key: str = "val_acc",
     name: str | None = None,
+    steps: int | None = None,
 ) -> list[Path]:
     """Draw ``key`` of every run against meta-iterations and training hours into ``out`` and write
-    ``out/compare.md``; returns the files written. ``name`` picks ``eval-NAME.json`` over ``eval.json``."""
+    ``out/compare.md``; returns the files written. ``name`` picks ``eval-NAME.json`` over ``eval.json``;
+    the table gives test accuracy after ``steps`` inner steps (None: each run's training steps)."""
     import matplotlib.pyplot as plt
 
     dirs = [Path(d) for d in run_dirs]
@@ -117,7 +122,7 @@ def compare(
         last = run["curve"][-1]
         lines.append(
             f"| {label} | {d} | {run['iterations']} | {run['hours']:.2f} | {scale * best[2]:.2f} ({best[0]}) | "
-            f"{scale * last[2]:.2f} | {_test_cell(run)} |"
+            f"{scale * last[2]:.2f} | {_test_cell(run, steps)} |"
         )
     table = "\n".join(lines) + "\n"
     md = out / "compare.md"
