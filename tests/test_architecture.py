@@ -18,7 +18,7 @@ ALLOWED = {
     "rl": {"engine", "models", "config", "distributed"},
     "training": {"engine", "config", "distributed"},
     "plots": {"training"},
-    "compare": {"plots", "training"},
+    "compare": {"plots", "training", "experiments"},
     "experiments": {"engine", "models", "data", "tasks", "config", "distributed", "rl", "training", "plots"},
     "cli": {"config", "distributed", "experiments", "training", "compare"},
     "__init__": {"engine"},

@@ -9,8 +9,10 @@ from pathlib import Path
 import yaml
 
 from . import plots
+from .experiments import step_cells, steps_label
 from .training.files import write_file
 from .training.metrics import read_metrics
+from .training.runs import eval_stem
 
 
 class CompareError(ValueError):
@@ -49,15 +51,14 @@ def read_run(run_dir: Path, key: str, name: str | None = None) -> dict:
     config = run_dir / "config.yaml"
     if not config.exists():  # a metrics.csv of one model inside an RL run: the config is one level up
         config = run_dir.parent / "config.yaml"
-    cfg = yaml.safe_load(config.read_text()) if config.exists() else {}
-    stem = "eval" if name is None else f"eval-{name}"
-    evaluation = json.loads((run_dir / f"{stem}.json").read_text()) if (run_dir / f"{stem}.json").exists() else None
+    cfg = (yaml.safe_load(config.read_text()) if config.exists() else None) or {}
+    evaluation = run_dir / f"{eval_stem(name)}.json"
     return {
         "curve": curve,
-        "iterations": rows[-1]["iteration"] if rows else 0,
-        "hours": hours[-1] if hours else 0.0,
-        "config": cfg or {},
-        "eval": evaluation,
+        "iterations": rows[-1]["iteration"],  # rows is not empty: the curve has a row
+        "hours": hours[-1],
+        "config": cfg,
+        "eval": json.loads(evaluation.read_text()) if evaluation.exists() else None,
     }
 
 
@@ -70,9 +71,10 @@ def _test_cell(run: dict, steps: int | None) -> str:
     protocol = ev["protocols"].get("paper") or next(iter(ev["protocols"].values()))
     if steps is None:
         steps = int(run["config"].get("maml", {}).get("inner_steps", 1))
+    (cell,) = step_cells(protocol["acc"], protocol["ci95"], [steps], 2)
     if steps >= len(protocol["acc"]):
-        return f"– (evaluated to {len(protocol['acc']) - 1} steps)"
-    return f"{protocol['acc'][steps]:.2f} ± {protocol['ci95'][steps]:.2f} ({steps} step{'s' * (steps != 1)})"
+        return f"{cell} (evaluated to {len(protocol['acc']) - 1} steps)"
+    return f"{cell} ({steps_label(steps)})"
 
 
 def compare(
