@@ -16,6 +16,11 @@
 # new ones, e.g. to finish the shortened 5-way 5-shot and 20-way runs:
 #   RESUME=1 CELLS="omniglot-5way-5shot omniglot-20way-1shot omniglot-20way-5shot" TRAIN_S=400 \
 #       bash benchmarks/gpu_omniglot.sh
+# SET adds `--set` overrides to every new cell and MAMLPP_SET to the *-mamlpp cells, e.g. the 20-way
+# MAML / MAML++ / ANIL comparison (issue 33), the same iterations each, MAML++'s annealing scaled to 8%:
+#   CELLS="omniglot-20way-1shot omniglot-20way-1shot-mamlpp omniglot-20way-1shot-anil" \
+#   SET="train.iterations=3000 train.validate_every=250" MAMLPP_SET="maml.msl_iterations=240" \
+#       bash benchmarks/gpu_omniglot.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -46,7 +51,10 @@ $PY -c "import torch; print('torch', torch.__version__, torch.cuda.is_available(
 
 cell() {  # train one preset under the time limit, falling back to compile without graphs, then evaluate
     local name=$1 dir=$RUNS/$1 rc
-    local how=(--set train.device="$DEVICE" --set maml.compile=true --set maml.cuda_graphs=true)
+    local how=(--set train.device="$DEVICE" --set maml.compile=true --set maml.cuda_graphs=true) extra=() kv
+    for kv in ${SET:-}; do extra+=(--set "$kv"); done
+    if [[ $name == *-mamlpp ]]; then for kv in ${MAMLPP_SET:-}; do extra+=(--set "$kv"); done; fi
+    how+=("${extra[@]}")
     if [ "${RESUME:-0}" = 1 ] && [ -f "results/$name/checkpoint.pt" ]; then
         rm -rf "$dir" && cp -r "results/$name" "$dir" && how=(--resume)
     fi
@@ -63,7 +71,7 @@ cell() {  # train one preset under the time limit, falling back to compile witho
         else
             rm -rf "$dir"
             $PY -m mamlkit.cli train "$name" --out "$dir" --quiet --set train.device="$DEVICE" \
-                --set maml.compile=true --set train.time_limit="$left" >>"$RUNS/$name.log" 2>&1
+                --set maml.compile=true "${extra[@]}" --set train.time_limit="$left" >>"$RUNS/$name.log" 2>&1
         fi
         log "$name: retry exit $?"
     fi
