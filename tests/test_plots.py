@@ -6,6 +6,7 @@ import pytest
 
 from mamlkit import cli, compare, plots
 from mamlkit.experiments import fewshot, load_config, sinusoid
+from mamlkit.training import runs
 
 
 @pytest.fixture
@@ -93,6 +94,21 @@ def test_compare_draws_each_run_against_iterations_and_training_time(tmp_path, f
     assert "71.00 ± 0.20 (2 steps)" in table and "80.00 ± 0.20 (2 steps)" in table
     compare.compare([a, b], tmp_path / "out", steps=5)
     assert (tmp_path / "out" / "compare.md").read_text().count("– (evaluated to 2 steps)") == 2
+
+
+def test_compare_says_when_a_run_changed_device_so_its_time_adds_two_machines(tmp_path, figures):
+    moved = _run(tmp_path / "moved", [(100, 90.0, 0.5), (200, 2.0, 0.6)], 5, [20, 60, 80])
+    kept = _run(tmp_path / "kept", [(100, 3.0, 0.4), (200, 3.0, 0.5)], 1, [20, 60])
+    runs.log_event(moved, "started")
+    runs.log_event(moved, "resumed, changing " + runs.describe_changes({"train.device": ("cuda", "cpu")}))
+    runs.log_event(kept, "resumed, changing " + runs.describe_changes({"train.time_limit": (60.0, 600.0)}))
+    compare.compare([moved, kept], tmp_path / "out", labels=["MAML++", "MAML"])
+    table = (tmp_path / "out" / "compare.md").read_text()
+    assert "MAML++ trained on cuda, then cpu" in table and "compare it by iterations" in table
+    assert "MAML trained on" not in table
+    _, by_time = figures["val_acc.png"].axes
+    assert [line.get_label() for line in by_time.get_lines()] == ["MAML++ (cuda, then cpu)", "MAML"]
+    assert runs.devices(kept, "cuda") == ["cuda"]
 
 
 def test_compare_refuses_what_it_cannot_compare_with_the_fix(tmp_path, capsys):

@@ -12,7 +12,7 @@ from . import plots
 from .experiments import step_cells, steps_label
 from .training.files import write_file
 from .training.metrics import read_metrics
-from .training.runs import eval_stem
+from .training.runs import devices, eval_stem
 
 
 class CompareError(ValueError):
@@ -58,6 +58,7 @@ def read_run(run_dir: Path, key: str, name: str | None = None) -> dict:
         "iterations": rows[-1]["iteration"],  # rows is not empty: the curve has a row
         "hours": hours[-1],
         "config": cfg,
+        "devices": devices(config.parent, str(cfg.get("train", {}).get("device", "auto"))),
         "eval": json.loads(evaluation.read_text()) if evaluation.exists() else None,
     }
 
@@ -106,7 +107,8 @@ def compare(
         its, hours, values = zip(*run["curve"])
         marker = "o" if len(values) < 20 else None
         axes[0].plot(its, [scale * v for v in values], marker=marker, ms=3, label=label)
-        axes[1].plot(hours, [scale * v for v in values], marker=marker, ms=3, label=label)
+        moved = f" ({', then '.join(run['devices'])})" if len(run["devices"]) > 1 else ""
+        axes[1].plot(hours, [scale * v for v in values], marker=marker, ms=3, label=label + moved)
     axes[0].set_xlabel("meta-iteration")
     axes[1].set_xlabel("training time (h; validation excluded)")
     axes[0].set_ylabel(ylabel)
@@ -126,6 +128,12 @@ def compare(
             f"| {label} | {d} | {run['iterations']} | {run['hours']:.2f} | {scale * best[2]:.2f} ({best[0]}) | "
             f"{scale * last[2]:.2f} | {_test_cell(run, steps)} |"
         )
+    for label, run in runs.items():
+        if len(run["devices"]) > 1:  # its training time is a sum over machines: not comparable as it stands
+            lines.append(
+                f"\n{label} trained on {', then '.join(run['devices'])} (resumed on another device, run.log): "
+                "its training time adds the time on each, so compare it by iterations."
+            )
     table = "\n".join(lines) + "\n"
     md = out / "compare.md"
     write_file(md, table)

@@ -332,12 +332,25 @@ def check_resume(saved: dict, new: dict) -> dict[str, tuple]:
             "would no longer be the schedule's. Resume with the same train.iterations, or start a new run with --out"
         )
     if refused:
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        listed = describe_changes(refused)
         raise config_lib.ConfigError(
             f"--resume would change the experiment ({listed}). A run keeps the settings it started with; "
             f"start a new run with --out for these. A resume may change only: {', '.join(RESUMABLE)}"
         )
     return changes
+
+
+def describe_changes(changes: dict) -> str:
+    """``{key: (before, after)}`` as ``run.log`` and the resume errors write it."""
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+
+
+def devices(run_dir: str | Path, device: str) -> list[str]:
+    """The ``train.device`` of each stretch of a run, in order: the resumes that changed it, read from
+    its ``run.log`` (``device``, the config's, when none did)."""
+    path = Path(run_dir) / LOG
+    moves = re.findall(r"train\.device: '([^']*)' -> '([^']*)'", path.read_text() if path.exists() else "")
+    return [moves[0][0], *(after for _, after in moves)] if moves else [device]
 
 
 def log_event(run_dir: str | Path, text: str) -> None:
@@ -386,7 +399,7 @@ def start_run(
             write_file(run_dir / "config.yaml", config_lib.dumps(cfg), exclusive=not resume)
         except FileExistsError:
             raise run_exists(run_dir) from None
-        changed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in (changes or {}).items())
+        changed = describe_changes(changes or {})
         event = ("resumed" + (f", changing {changed}" if changed else "")) if resume else "started"
         if models is not None and models != list(cfg.models):
             event += f" (training {', '.join(models)} only)"
