@@ -19,7 +19,7 @@
 # SET adds `--set` overrides to every new cell and MAMLPP_SET to the *-mamlpp cells, e.g. the 20-way
 # MAML / MAML++ / ANIL comparison (issue 33), the same iterations each, MAML++'s annealing scaled to 8%:
 #   CELLS="omniglot-20way-1shot omniglot-20way-1shot-mamlpp omniglot-20way-1shot-anil" \
-#   SET="train.iterations=3000 train.validate_every=250" MAMLPP_SET="maml.msl_iterations=240" \
+#   SET="train.iterations=3000 train.validate_every=300" MAMLPP_SET="maml.msl_iterations=240" \
 #       bash benchmarks/gpu_omniglot.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

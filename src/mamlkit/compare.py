@@ -63,6 +63,10 @@ def read_run(run_dir: Path, key: str, name: str | None = None) -> dict:
     }
 
 
+def _devices_label(run: dict) -> str:
+    return ", then ".join(run["devices"])
+
+
 def _test_cell(run: dict, steps: int | None) -> str:
     """A few-shot evaluation's accuracy (the paper's query protocol) after ``steps`` inner steps
     (None: the run's own training steps), ± its 95% interval."""
@@ -107,7 +111,7 @@ def compare(
         its, hours, values = zip(*run["curve"])
         marker = "o" if len(values) < 20 else None
         axes[0].plot(its, [scale * v for v in values], marker=marker, ms=3, label=label)
-        moved = f" ({', then '.join(run['devices'])})" if len(run["devices"]) > 1 else ""
+        moved = f" ({_devices_label(run)})" if len(run["devices"]) > 1 else ""
         axes[1].plot(hours, [scale * v for v in values], marker=marker, ms=3, label=label + moved)
     axes[0].set_xlabel("meta-iteration")
     axes[1].set_xlabel("training time (h; validation excluded)")
@@ -131,7 +135,7 @@ def compare(
     for label, run in runs.items():
         if len(run["devices"]) > 1:  # its training time is a sum over machines: not comparable as it stands
             lines.append(
-                f"\n{label} trained on {', then '.join(run['devices'])} (resumed on another device, run.log): "
+                f"\n{label} trained on {_devices_label(run)} (resumed on another device, run.log): "
                 "its training time adds the time on each, so compare it by iterations."
             )
     table = "\n".join(lines) + "\n"
