@@ -13,7 +13,8 @@
 #
 # TRAIN_S (default 390) is each run's training time; the whole script ends within ~TRAIN_S + 150 s.
 # RESUME=1 continues the runs kept in results/<preset> (copied to $RUNS first) instead of starting
-# new ones, e.g. to finish the shortened 5-way 5-shot and 20-way runs:
+# new ones (on the GPU, compiled, whatever device they were saved with), e.g. to finish the
+# shortened 5-way 5-shot and 20-way runs (PACK_TB=1 brings their TensorBoard events back too):
 #   RESUME=1 CELLS="omniglot-5way-5shot omniglot-20way-1shot omniglot-20way-5shot" TRAIN_S=400 \
 #       bash benchmarks/gpu_omniglot.sh
 # SET adds `--set` overrides to every new cell and MAMLPP_SET to the *-mamlpp cells, e.g. the 20-way
@@ -37,7 +38,9 @@ log() { echo "[$(($(date +%s) - T0)) s] $*" | tee -a "$OUT/log.txt"; }
 
 pack() {
     log "packing"
-    tar czf "$OUT/.runs$BASHPID.tgz" --exclude=tb -C "$RUNS" . 2>>"$OUT/log.txt" && mv "$OUT/.runs$BASHPID.tgz" "$OUT/runs.tgz"
+    local skip=(--exclude=tb)
+    [ "${PACK_TB:-0}" = 1 ] && skip=()
+    tar czf "$OUT/.runs$BASHPID.tgz" "${skip[@]}" -C "$RUNS" . 2>>"$OUT/log.txt" && mv "$OUT/.runs$BASHPID.tgz" "$OUT/runs.tgz"
 }
 trap pack EXIT
 trap 'exit 143' TERM INT  # so that a stop from outside still packs what is there
@@ -56,14 +59,17 @@ cell() {  # train one preset under the time limit, falling back to compile witho
     if [[ $name == *-mamlpp ]]; then for kv in ${MAMLPP_SET:-}; do extra+=(--set "$kv"); done; fi
     how+=("${extra[@]}")
     if [ "${RESUME:-0}" = 1 ] && [ -f "results/$name/checkpoint.pt" ]; then
-        rm -rf "$dir" && cp -r "results/$name" "$dir" && how=(--resume)
+        # a run continued on the CPU was saved with train.device=cpu: move it back onto the GPU
+        rm -rf "$dir" && cp -r "results/$name" "$dir" && how=(--resume "${how[@]:0:6}" --set train.threads=0)
     fi
-    timeout -s INT $((TRAIN_S + 90)) $PY -m mamlkit.cli train "$name" --out "$dir" --quiet "${how[@]}" \
+    # INT stops a run after its current iteration; a run still compiling its first one (a 32-task
+    # loop under CUDA graphs compiled for over 5 minutes) does not get there, hence the KILL after it
+    timeout -k 30 -s INT $((TRAIN_S + 90)) $PY -m mamlkit.cli train "$name" --out "$dir" --quiet "${how[@]}" \
         --set train.time_limit="$TRAIN_S" >>"$RUNS/$name.log" 2>&1
     rc=$?
     log "$name: train exit $rc"
-    if [ $rc -ne 0 ] && [ $rc -ne 130 ]; then
-        local left=$((T0 + TRAIN_S + 20 - $(date +%s)))
+    local left=$((T0 + TRAIN_S + 20 - $(date +%s)))
+    if [ $rc -ne 0 ] && [ $rc -ne 130 ] && [ $left -gt 60 ]; then
         log "$name: retrying without CUDA graphs for ${left}s"
         if [ -f "$dir/checkpoint.pt" ]; then
             $PY -m mamlkit.cli train "$name" --out "$dir" --resume --quiet --set maml.cuda_graphs=false \

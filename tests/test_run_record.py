@@ -343,3 +343,38 @@ def test_a_resume_keeps_the_strategy_auto_chose(tmp_path, monkeypatch):
     b = torch.load(half / "maml/checkpoint.pt", weights_only=False)
     assert b["strategy"] == "vmap"
     assert all(torch.equal(a["learner"][k], b["learner"][k]) for k in a["learner"])
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_resume_on_another_device_chooses_the_strategy_anew(tmp_path, monkeypatch, capsys, recorded):
+    """A strategy chosen on one device type says nothing about another (a CPU's choice of the loop,
+    kept on a GPU, ran many times slower there): the checkpoint records where `auto` chose, and a
+    resume on another device chooses anew. Checkpoints from before the device was recorded count as
+    from another device when their task stream cannot continue here (it was drawn on another)."""
+    from mamlkit.engine import maml as engine
+
+    def timing_favours(strategy):
+        return lambda run, candidates, *a, **k: {s: (0.5 if s == strategy else 1.0) for s in candidates}
+
+    auto = ["--set", "maml.strategy=auto", "--set", "train.checkpoint_every=2"]
+    monkeypatch.setattr(engine, "fastest", timing_favours("vmap"))
+    engine._MEASURED.clear()
+    assert train(tmp_path, *auto, "--set", "train.iterations=2") == 0
+    path = tmp_path / "maml/checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    assert (state["strategy"], state["strategy_device"]) == ("vmap", "cpu")
+    if recorded:  # as if chosen on a GPU
+        state["strategy_device"] = "cuda"
+    else:  # an older checkpoint of a GPU run: no device recorded, a task stream this CPU cannot continue
+        del state["strategy_device"]
+        state["rng"]["tasks"] = torch.zeros(3, dtype=torch.uint8)
+    torch.save(state, path)
+
+    monkeypatch.setattr(engine, "fastest", timing_favours("loop"))
+    engine._MEASURED.clear()
+    capsys.readouterr()
+    assert train(tmp_path, *auto, "--resume", "--set", "train.iterations=4") == 0
+    where = "a cuda device" if recorded else "another device"
+    assert f"the strategy 'vmap' was chosen on {where}; 'auto' chooses anew on this one" in capsys.readouterr().out
+    state = torch.load(path, weights_only=False)
+    assert (state["strategy"], state["strategy_device"]) == ("loop", "cpu")

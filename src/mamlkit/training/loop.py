@@ -295,11 +295,30 @@ class Trainer:
         )
 
     def _strategy(self) -> dict:
-        """The strategy ``auto`` chose, for a resume to keep (``MAML.keep_strategy``)."""
+        """The strategy ``auto`` chose and the device it chose on, for a resume to keep
+        (``MAML.keep_strategy``)."""
         learner = self.learner
         if getattr(learner, "_requested", None) == "auto" and getattr(learner, "_strategy_chosen", False):
-            return {"strategy": learner.strategy}
+            return {"strategy": learner.strategy, "strategy_device": self._device_type()}
         return {}
+
+    def _device_type(self) -> str:
+        return next((p.device.type for p in self.learner.parameters()), "cpu")
+
+    def _keep_strategy(self, state: dict, reseeded: bool) -> None:
+        """Keep the strategy the run trained with, unless it was chosen on another device type: the
+        ranking there says nothing about this one (a CPU's choice of the loop made a GPU run many times
+        slower), and the run does not continue exactly across devices anyway."""
+        kept = state.get("strategy")
+        if not isinstance(kept, str) or not hasattr(self.learner, "keep_strategy"):
+            return
+        # Checkpoints written before the device was recorded: a reseeded task stream means another device.
+        chosen_on = state.get("strategy_device", "another" if reseeded else self._device_type())
+        if chosen_on == self._device_type():
+            self.learner.keep_strategy(kept)
+        elif distributed.is_main():
+            where = "another device" if chosen_on == "another" else f"a {chosen_on} device"
+            print(f"{self.name}: the strategy {kept!r} was chosen on {where}; 'auto' chooses anew on this one")
 
     def restore(self) -> None:
         # Rank 0 reads the checkpoint and hands it to the others (no shared disk needed).
@@ -335,8 +354,7 @@ class Trainer:
             )
         self.iteration = state["iteration"]
         self.best = state.get("best", float("-inf"))
-        if isinstance(state.get("strategy"), str) and hasattr(self.learner, "keep_strategy"):
-            self.learner.keep_strategy(state["strategy"])
+        self._keep_strategy(state, reseeded)
 
     def fit(self, resume: bool = False, progress: bool = True) -> bool:
         """Train to ``iterations``; returns False if stopped early (checkpoint saved).
