@@ -81,6 +81,7 @@ cell() {  # train one preset under the time limit, falling back to compile witho
         fi
         log "$name: retry exit $?"
     fi
+    [ "${EVAL:-1}" = 0 ] && return  # training only, e.g. to spend a short device budget on iterations
     timeout $((T0 + TRAIN_S + 150 - $(date +%s))) $PY -m mamlkit.cli eval "$dir" >>"$RUNS/$name.log" 2>&1
     log "$name: eval exit $?"
     tail -n 4 "$dir/metrics.csv" >>"$OUT/log.txt" 2>/dev/null
