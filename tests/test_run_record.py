@@ -378,3 +378,15 @@ def test_a_resume_on_another_device_chooses_the_strategy_anew(tmp_path, monkeypa
     assert f"the strategy 'vmap' was chosen on {where}; 'auto' chooses anew on this one" in capsys.readouterr().out
     state = torch.load(path, weights_only=False)
     assert (state["strategy"], state["strategy_device"]) == ("loop", "cpu")
+
+
+@pytest.mark.slow
+def test_cuda_graphs_off_cuda_are_said_to_do_nothing(tmp_path, capsys):
+    """maml.cuda_graphs on a CPU compiles as asked but captures no graph; a run resumed from a GPU
+    keeps the setting, so the run says it does nothing here rather than leave it silent."""
+    args = ["--set", "maml.compile=true", "--set", "maml.cuda_graphs=true", "--set", "train.iterations=1"]
+    assert train(tmp_path, *args) == 0
+    out = capsys.readouterr().out
+    assert "maml.cuda_graphs does nothing on a cpu device" in out
+    assert train(tmp_path / "plain", "--set", "maml.compile=true", "--set", "train.iterations=1") == 0
+    assert "does nothing" not in capsys.readouterr().out

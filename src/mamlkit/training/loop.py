@@ -409,8 +409,11 @@ class Trainer:
         )
         window = _Window()
         if main and getattr(self.learner, "compiles", False):  # else minutes pass without a sign
+            device = self._device_type()
+            inert = getattr(self.learner, "_cuda_graphs", False) and device != "cuda"
             bar.write(
                 f"{self.name}: compiling the meta-batch computation (torch.compile); the first iterations are slow"
+                + (f" (maml.cuda_graphs does nothing on a {device} device: CUDA graphs are CUDA's)" if inert else "")
             )
         set_iteration = getattr(self.update, "set_iteration", None)  # an update whose step depends on it
         try:
