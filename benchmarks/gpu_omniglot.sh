@@ -53,17 +53,19 @@ $PY -c "import torch; print('torch', torch.__version__, torch.cuda.is_available(
 (timeout $((TRAIN_S + 150)) nvidia-smi dmon -s um -d 5 >"$OUT/dmon.txt" 2>&1 &)
 
 cell() {  # train one preset under the time limit, falling back to compile without graphs, then evaluate
-    local name=$1 dir=$RUNS/$1 rc
-    local how=(--set train.device="$DEVICE" --set maml.compile=true --set maml.cuda_graphs=true) extra=() kv
-    for kv in ${SET:-}; do extra+=(--set "$kv"); done
-    if [[ $name == *-mamlpp ]]; then for kv in ${MAMLPP_SET:-}; do extra+=(--set "$kv"); done; fi
-    how+=("${extra[@]}")
+    local name=$1 dir=$RUNS/$1 rc kv
+    local gpu=(--set train.device="$DEVICE" --set train.threads=0 --set maml.compile=true)
+    local how=("${gpu[@]}" --set maml.cuda_graphs=true) new=("${gpu[@]}")
+    for kv in ${SET:-}; do new+=(--set "$kv"); done  # SET and MAMLPP_SET apply to new runs only
+    if [[ $name == *-mamlpp ]]; then for kv in ${MAMLPP_SET:-}; do new+=(--set "$kv"); done; fi
     if [ "${RESUME:-0}" = 1 ] && [ -f "results/$name/checkpoint.pt" ]; then
-        # a run continued on the CPU was saved with train.device=cpu: move it back onto the GPU
-        rm -rf "$dir" && cp -r "results/$name" "$dir" && how=(--resume "${how[@]:0:6}" --set train.threads=0)
+        # a run continued on the CPU was saved with train.device=cpu: the gpu settings move it back
+        rm -rf "$dir" && cp -r "results/$name" "$dir" && how=(--resume "${how[@]}") new=(--resume "${gpu[@]}")
+    else
+        how=("${new[@]}" --set maml.cuda_graphs=true)
     fi
     # INT stops a run after its current iteration; a run still compiling its first one (a 32-task
-    # loop under CUDA graphs compiled for over 5 minutes) does not get there, hence the KILL after it
+    # loop under CUDA graphs had not compiled after 8 minutes) does not get there: KILL 30 s later
     timeout -k 30 -s INT $((TRAIN_S + 90)) $PY -m mamlkit.cli train "$name" --out "$dir" --quiet "${how[@]}" \
         --set train.time_limit="$TRAIN_S" >>"$RUNS/$name.log" 2>&1
     rc=$?
@@ -71,20 +73,21 @@ cell() {  # train one preset under the time limit, falling back to compile witho
     local left=$((T0 + TRAIN_S + 20 - $(date +%s)))
     if [ $rc -ne 0 ] && [ $rc -ne 130 ] && [ $left -gt 60 ]; then
         log "$name: retrying without CUDA graphs for ${left}s"
-        if [ -f "$dir/checkpoint.pt" ]; then
-            $PY -m mamlkit.cli train "$name" --out "$dir" --resume --quiet --set maml.cuda_graphs=false \
-                --set train.time_limit="$left" >>"$RUNS/$name.log" 2>&1
-        else
-            rm -rf "$dir"
-            $PY -m mamlkit.cli train "$name" --out "$dir" --quiet --set train.device="$DEVICE" \
-                --set maml.compile=true "${extra[@]}" --set train.time_limit="$left" >>"$RUNS/$name.log" 2>&1
-        fi
+        if [ -f "$dir/checkpoint.pt" ] && [[ ${new[0]} != --resume ]]; then new=(--resume "${gpu[@]}"); fi
+        [ -f "$dir/checkpoint.pt" ] || rm -rf "$dir"
+        timeout -k 30 -s INT $((left + 60)) $PY -m mamlkit.cli train "$name" --out "$dir" --quiet "${new[@]}" \
+            --set maml.cuda_graphs=false --set train.time_limit="$left" >>"$RUNS/$name.log" 2>&1
         log "$name: retry exit $?"
     fi
-    [ "${EVAL:-1}" = 0 ] && return  # training only, e.g. to spend a short device budget on iterations
-    timeout $((T0 + TRAIN_S + 150 - $(date +%s))) $PY -m mamlkit.cli eval "$dir" >>"$RUNS/$name.log" 2>&1
-    log "$name: eval exit $?"
     tail -n 4 "$dir/metrics.csv" >>"$OUT/log.txt" 2>/dev/null
+    [ "${EVAL:-1}" = 0 ] && return  # training only, e.g. to spend a short device budget on iterations
+    local t=$((T0 + TRAIN_S + 150 - $(date +%s)))
+    if [ $t -gt 0 ]; then
+        timeout -k 10 $t $PY -m mamlkit.cli eval "$dir" >>"$RUNS/$name.log" 2>&1
+        log "$name: eval exit $?"
+    else
+        log "$name: no time left to evaluate: mamlkit eval $dir"
+    fi
     cat "$dir/eval.md" >>"$OUT/log.txt" 2>/dev/null
 }
 

@@ -331,13 +331,13 @@ def test_a_resume_keeps_the_strategy_auto_chose(tmp_path, monkeypatch):
     auto = ["--set", "maml.strategy=auto", "--set", "train.checkpoint_every=2"]
     whole, half = tmp_path / "whole", tmp_path / "half"
     monkeypatch.setattr(engine, "fastest", timing_favours("vmap"))
-    engine._MEASURED.clear()
+    monkeypatch.setattr(engine, "_MEASURED", {})
     assert train(whole, *auto, "--set", "train.iterations=4") == 0
     assert train(half, *auto, "--set", "train.iterations=2") == 0
     assert torch.load(half / "maml/checkpoint.pt", weights_only=False)["strategy"] == "vmap"
 
     monkeypatch.setattr(engine, "fastest", timing_favours("loop"))  # a new start, where timing disagrees
-    engine._MEASURED.clear()  # as in a new process
+    monkeypatch.setattr(engine, "_MEASURED", {})  # as in a new process
     assert train(half, *auto, "--resume", "--set", "train.iterations=4") == 0
     a = torch.load(whole / "maml/checkpoint.pt", weights_only=False)
     b = torch.load(half / "maml/checkpoint.pt", weights_only=False)
@@ -345,12 +345,13 @@ def test_a_resume_keeps_the_strategy_auto_chose(tmp_path, monkeypatch):
     assert all(torch.equal(a["learner"][k], b["learner"][k]) for k in a["learner"])
 
 
-@pytest.mark.parametrize("recorded", [True, False])
-def test_a_resume_on_another_device_chooses_the_strategy_anew(tmp_path, monkeypatch, capsys, recorded):
+@pytest.mark.parametrize("written", ["on a GPU", "before the device was recorded, on a GPU", "before, here"])
+def test_a_resume_on_another_device_chooses_the_strategy_anew(tmp_path, monkeypatch, capsys, written):
     """A strategy chosen on one device type says nothing about another (a CPU's choice of the loop,
-    kept on a GPU, ran many times slower there): the checkpoint records where `auto` chose, and a
-    resume on another device chooses anew. Checkpoints from before the device was recorded count as
-    from another device when their task stream cannot continue here (it was drawn on another)."""
+    kept on a GPU, was slower there and would not compile in minutes): the checkpoint records where
+    `auto` chose, and a resume on another device chooses anew. Checkpoints from before the device was
+    recorded count as from another device when their task stream cannot continue here (it was drawn
+    on another), and keep their strategy otherwise."""
     from mamlkit.engine import maml as engine
 
     def timing_favours(strategy):
@@ -358,25 +359,31 @@ def test_a_resume_on_another_device_chooses_the_strategy_anew(tmp_path, monkeypa
 
     auto = ["--set", "maml.strategy=auto", "--set", "train.checkpoint_every=2"]
     monkeypatch.setattr(engine, "fastest", timing_favours("vmap"))
-    engine._MEASURED.clear()
+    monkeypatch.setattr(engine, "_MEASURED", {})
     assert train(tmp_path, *auto, "--set", "train.iterations=2") == 0
     path = tmp_path / "maml/checkpoint.pt"
     state = torch.load(path, weights_only=False)
     assert (state["strategy"], state["strategy_device"]) == ("vmap", "cpu")
-    if recorded:  # as if chosen on a GPU
+    if written == "on a GPU":
         state["strategy_device"] = "cuda"
-    else:  # an older checkpoint of a GPU run: no device recorded, a task stream this CPU cannot continue
+    else:  # an older checkpoint: no device recorded
         del state["strategy_device"]
-        state["rng"]["tasks"] = torch.zeros(3, dtype=torch.uint8)
+        if written.endswith("on a GPU"):  # a task stream this CPU cannot continue
+            state["rng"]["tasks"] = torch.zeros(3, dtype=torch.uint8)
     torch.save(state, path)
 
     monkeypatch.setattr(engine, "fastest", timing_favours("loop"))
-    engine._MEASURED.clear()
+    monkeypatch.setattr(engine, "_MEASURED", {})
     capsys.readouterr()
     assert train(tmp_path, *auto, "--resume", "--set", "train.iterations=4") == 0
-    where = "a cuda device" if recorded else "another device"
-    assert f"the strategy 'vmap' was chosen on {where}; 'auto' chooses anew on this one" in capsys.readouterr().out
+    out = capsys.readouterr().out
     state = torch.load(path, weights_only=False)
+    if written == "before, here":
+        assert "chooses anew" not in out
+        assert (state["strategy"], state["strategy_device"]) == ("vmap", "cpu")
+        return
+    where = "a cuda device" if written == "on a GPU" else "another device"
+    assert f"the strategy 'vmap' was chosen on {where}; 'auto' chooses anew on this one" in out
     assert (state["strategy"], state["strategy_device"]) == ("loop", "cpu")
 
 

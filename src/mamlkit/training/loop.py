@@ -316,7 +316,7 @@ class Trainer:
         chosen_on = state.get("strategy_device", "another" if reseeded else self._device_type())
         if chosen_on == self._device_type():
             self.learner.keep_strategy(kept)
-        elif distributed.is_main():
+        elif distributed.is_main() and getattr(self.learner, "_requested", None) == "auto":
             where = "another device" if chosen_on == "another" else f"a {chosen_on} device"
             print(f"{self.name}: the strategy {kept!r} was chosen on {where}; 'auto' chooses anew on this one")
 
@@ -346,7 +346,7 @@ class Trainer:
                 ) from None
         except ckpt.CorruptCheckpoint as e:
             raise ckpt.CorruptCheckpoint(f"{e}{advice}") from None
-        if reseeded:
+        if reseeded and distributed.is_main():
             print(
                 f"{self.name}: resumed on a {self.generator.device.type} device; the task stream of the other "
                 "device cannot continue here, so it continues from a seed of its own (the run is no longer "
