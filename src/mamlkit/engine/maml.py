@@ -215,6 +215,7 @@ class MAML(nn.Module):
         self._compile = compile
         self._cuda_graphs = cuda_graphs
         self._fns: dict[str, Callable] = {}
+        self._warned_unrolled = False
         self._strategy_chosen = False
         self._kept_strategy: str | None = None  # a resumed run's choice, used instead of timing once
         self._vmap_failed_without_graph = False
@@ -465,6 +466,7 @@ class MAML(nn.Module):
         if kind not in self._fns:
             fn = self._meta_forward_impl if kind == "forward" else self._meta_grad_impl
             if self._compile:
+                self._warn_unrolled(args[2])
                 fn = torch.compile(fn, dynamic=False, mode="reduce-overhead" if self._cuda_graphs else None)
             self._fns[kind] = fn
         if not self._cuda_graphs:
@@ -574,6 +576,22 @@ class MAML(nn.Module):
 
     def _module_label(self, path: str) -> str:
         return module_label(self.model, path)
+
+    def _warn_unrolled(self, support_inputs) -> None:
+        """Say once that the compiled loop is unrolled: one graph holds every task of the meta-batch,
+        so compiling it takes several times as long as vmap's one batched task (BENCHMARKS.md)."""
+        leaves = torch.utils._pytree.tree_leaves(support_inputs)
+        tasks = leaves[0].shape[0] if leaves and isinstance(leaves[0], Tensor) and leaves[0].dim() else 0
+        if self.strategy != "loop" or tasks < 2 or self._warned_unrolled:
+            return
+        self._warned_unrolled = True
+        _log.warning(
+            "compile with strategy 'loop' unrolls the %d tasks of a meta-batch into one graph: compiling "
+            "takes several times as long as with vmap, and grows with the meta-batch; where that is too "
+            "long, set compile=False, or let vmap run (strategy 'auto' or 'vmap'; mamlkit.models.layers."
+            "BatchNorm for batch-statistics BatchNorm under second order)",
+            tasks,
+        )
 
     def _log_choice(self, why: str, errors: dict[str, str] | None = None, note: str = "") -> None:
         """Say once, on the ``mamlkit`` logger, which strategy ``auto`` chose and why."""
