@@ -579,10 +579,12 @@ class MAML(nn.Module):
 
     def _warn_unrolled(self, support_inputs) -> None:
         """Say once that the compiled loop is unrolled: one graph holds every task of the meta-batch,
-        so compiling it takes several times as long as vmap's one batched task (BENCHMARKS.md)."""
+        so compiling it takes several times as long as vmap's one batched task (BENCHMARKS.md). Not
+        where ``auto`` timed vmap and found the loop faster: that was a choice, made on this model."""
         leaves = torch.utils._pytree.tree_leaves(support_inputs)
         tasks = leaves[0].shape[0] if leaves and isinstance(leaves[0], Tensor) and leaves[0].dim() else 0
-        if self.strategy != "loop" or tasks < 2 or self._warned_unrolled:
+        chosen_over_vmap = self.strategy_timings.get("vmap", float("inf")) < float("inf")
+        if self.strategy != "loop" or tasks < 2 or self._warned_unrolled or chosen_over_vmap:
             return
         self._warned_unrolled = True
         _log.warning(
