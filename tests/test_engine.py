@@ -367,6 +367,7 @@ def test_auto_times_a_few_tasks_once_per_model_and_shapes(monkeypatch):
     from mamlkit.engine import maml as maml_module
 
     monkeypatch.setattr(maml_module, "_MEASURED", {})
+    monkeypatch.setattr(maml_module, "CLOSE_CALL", 0.0)  # no second timing on the whole batch (next test)
     seen = []
     real = MAML._meta_forward_impl
 
@@ -385,6 +386,36 @@ def test_auto_times_a_few_tasks_once_per_model_and_shapes(monkeypatch):
     second = MAML(mlp(2, [8], 1), inner_lr=0.1, strategy="auto")
     second.meta_loss(batch)
     assert seen == [(second.strategy, 12)] and second.strategy_timings == first.strategy_timings
+
+
+@pytest.mark.parametrize(
+    ("on_the_probe", "timed_again"), [({"vmap": 1.1, "loop": 1.0}, True), ({"vmap": 3.0, "loop": 1.0}, False)]
+)
+def test_auto_times_a_close_call_again_on_the_whole_meta_batch(monkeypatch, on_the_probe, timed_again):
+    """On a few tasks the loop and vmap can tie where vmap is several times faster on the whole
+    batch (the sinusoid's 25 tasks, which then compiled to a 4x slower loop): timings within
+    ``CLOSE_CALL`` of each other on the probe are taken again on every task of the batch."""
+    from mamlkit.engine import maml as maml_module
+
+    monkeypatch.setattr(maml_module, "_MEASURED", {})
+    seen, timed_on = [], []
+    real = MAML._meta_forward_impl
+
+    def counted(self, params, lr, si, *rest):
+        seen.append(si.shape[0])
+        return real(self, params, lr, si, *rest)
+
+    def timing(run, candidates, sync, repeats=3, errors=None):
+        run("vmap")  # the real run, to see how many tasks this measurement times
+        timed_on.append(seen[-1])
+        return dict(on_the_probe) if len(timed_on) == 1 else {"vmap": 1.0, "loop": 5.0}
+
+    monkeypatch.setattr(MAML, "_meta_forward_impl", counted)
+    monkeypatch.setattr(maml_module, "fastest", timing)
+    maml = MAML(mlp(2, [8], 1), inner_lr=0.1, strategy="auto")
+    maml.meta_loss(make_batch(tasks=12))
+    assert timed_on == ([maml_module.PROBE_TASKS, 12] if timed_again else [maml_module.PROBE_TASKS])
+    assert maml.strategy == ("vmap" if timed_again else "loop")
 
 
 @pytest.mark.parametrize(
