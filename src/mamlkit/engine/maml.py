@@ -466,7 +466,7 @@ class MAML(nn.Module):
         if kind not in self._fns:
             fn = self._meta_forward_impl if kind == "forward" else self._meta_grad_impl
             if self._compile:
-                self._warn_unrolled(args[2])
+                self._warn_unrolled(task_count(TaskBatch(*args[2:6])))
                 fn = torch.compile(fn, dynamic=False, mode="reduce-overhead" if self._cuda_graphs else None)
             self._fns[kind] = fn
         if not self._cuda_graphs:
@@ -506,7 +506,8 @@ class MAML(nn.Module):
         # A close call on a few tasks is timed again on the whole batch: vmap's lead grows with the
         # tasks it batches (the sinusoid's 25: a tie on 4 tasks, several times faster on all 25).
         n = task_count(batch)
-        probe = TaskBatch(*torch.utils._pytree.tree_map(lambda t: t[: min(n, PROBE_TASKS)], tuple(batch)))
+        probed = min(n, PROBE_TASKS)
+        probe = TaskBatch(*torch.utils._pytree.tree_map(lambda t: t[:probed], tuple(batch)))
         key = (_measurement_key(self, probe), n)
         if key in _MEASURED:
             timings, errors = _MEASURED[key]
@@ -518,7 +519,7 @@ class MAML(nn.Module):
         _log.info(
             "strategy='auto': timing %s on %d task(s) of the first meta-batch of %s",
             " and ".join(self._candidates),
-            task_count(probe),
+            probed,
             type(self.model).__name__,
         )
 
@@ -540,8 +541,8 @@ class MAML(nn.Module):
         ):
             self.strategy_timings = fastest(on(probe), self._candidates, sync, repeats=1, errors=errors)
             finite = sorted(v for v in self.strategy_timings.values() if v < float("inf"))
-            if n > task_count(probe) and len(finite) > 1 and finite[-1] < CLOSE_CALL * finite[0]:
-                _log.info("strategy='auto': a close call on %d tasks; timing again on all %d", task_count(probe), n)
+            if n > probed and len(finite) > 1 and finite[-1] < CLOSE_CALL * finite[0]:
+                _log.info("strategy='auto': a close call on %d tasks; timing again on all %d", probed, n)
                 errors.clear()
                 self.strategy_timings = fastest(on(batch), self._candidates, sync, repeats=1, errors=errors)
         _MEASURED[key] = (dict(self.strategy_timings), dict(errors))
@@ -587,12 +588,10 @@ class MAML(nn.Module):
     def _module_label(self, path: str) -> str:
         return module_label(self.model, path)
 
-    def _warn_unrolled(self, support_inputs) -> None:
+    def _warn_unrolled(self, tasks: int) -> None:
         """Say once that the compiled loop is unrolled: one graph holds every task of the meta-batch,
         so compiling it takes several times as long as vmap's one batched task (BENCHMARKS.md). Not
         where ``auto`` timed vmap and found the loop faster: that was a choice, made on this model."""
-        leaves = torch.utils._pytree.tree_leaves(support_inputs)
-        tasks = leaves[0].shape[0] if leaves and isinstance(leaves[0], Tensor) and leaves[0].dim() else 0
         chosen_over_vmap = self.strategy_timings.get("vmap", float("inf")) < float("inf")
         if self.strategy != "loop" or tasks < 2 or self._warned_unrolled or chosen_over_vmap:
             return
